@@ -1,0 +1,131 @@
+"""Detector builders: plain functions in one dict, ``DETECTORS`` (print it to see every name).
+
+Students: ``retinanet``, ``fcos`` (P3..P7) and ``fasterrcnn``, ``maskrcnn`` (P2..P6) with a CNN
+backbone (``resnet50`` by default, ``resnet18``, ``mobilenet_v3``). Teachers: ``swin`` (Swin-T),
+``swin_s``, ``swin_b`` with an FPN and a Faster R-CNN head, and ``resnet50`` (Faster R-CNN R50-FPN);
+any trained detector of the project can also serve as a teacher. ``variant="tiny"`` shrinks depth
+and width in the same builder for CPU runs. Anchors scale with the variant: ``full`` uses the COCO
+sizes (4x the stride), ``tiny`` half of them, for small images.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+from pkd_offline.errors import PkdError
+from pkd_offline.models.backbones import cnn_fpn, fpn_channels
+from pkd_offline.models.detector import FeatureDetector
+from pkd_offline.models.swin import SwinFPN
+from pkd_offline.models.transform import NormalizeAndPad
+
+VARIANTS = ("full", "tiny")
+P3_P7 = (8, 16, 32, 64, 128)
+P2_P6 = (4, 8, 16, 32, 64)
+COMMON = {"min_size": 1, "max_size": 1, "detections_per_img": 100}
+
+
+def _anchor_sizes(strides: tuple[int, ...], variant: str, octaves: bool) -> tuple[tuple[int, ...], ...]:
+    base = 4 if variant == "full" else 2
+    scales = (1.0, 2 ** (1 / 3), 2 ** (2 / 3)) if octaves else (1.0,)
+    return tuple(tuple(int(base * s * k) for k in scales) for s in strides)
+
+
+def _wrap(detector: nn.Module, strides: tuple[int, ...], spec: dict) -> FeatureDetector:
+    detector.transform = NormalizeAndPad(size_divisor=32)
+    return FeatureDetector(detector, strides, spec)
+
+
+def build_retinanet(*, num_classes: int, variant: str = "full", backbone: str = "resnet50") -> FeatureDetector:
+    channels = fpn_channels(variant)
+    fpn = cnn_fpn(backbone, variant=variant, first_stride=8, extra_blocks=LastLevelP6P7(channels, channels))
+    sizes = _anchor_sizes(P3_P7, variant, octaves=True)
+    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    detector = RetinaNet(fpn, num_classes, anchor_generator=anchors, **COMMON)
+    return _wrap(detector, P3_P7, {"name": "retinanet", "variant": variant, "backbone": backbone, "num_classes": num_classes})
+
+
+def build_fcos(*, num_classes: int, variant: str = "full", backbone: str = "resnet50") -> FeatureDetector:
+    channels = fpn_channels(variant)
+    fpn = cnn_fpn(backbone, variant=variant, first_stride=8, extra_blocks=LastLevelP6P7(channels, channels))
+    anchors = AnchorGenerator(tuple((s,) for s in P3_P7), ((1.0,),) * len(P3_P7))
+    detector = FCOS(fpn, num_classes, anchor_generator=anchors, score_thresh=0.05, **COMMON)
+    return _wrap(detector, P3_P7, {"name": "fcos", "variant": variant, "backbone": backbone, "num_classes": num_classes})
+
+
+def _rcnn(fpn: nn.Module, *, num_classes: int, variant: str, masks: bool) -> nn.Module:
+    sizes = _anchor_sizes(P2_P6, variant, octaves=False)
+    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    representation = 1024 if variant == "full" else 256
+    heads = {"box_head": TwoMLPHead(fpn.out_channels * 7 * 7, representation),
+             "box_predictor": FastRCNNPredictor(representation, num_classes)}
+    if not masks:
+        return FasterRCNN(fpn, None, rpn_anchor_generator=anchors, **heads, **COMMON)
+    mask_layers = (256,) * 4 if variant == "full" else (fpn.out_channels,) * 2
+    mask_head = MaskRCNNHeads(fpn.out_channels, mask_layers, 1)
+    mask_predictor = MaskRCNNPredictor(mask_layers[-1], mask_layers[-1], num_classes)
+    return MaskRCNN(fpn, None, rpn_anchor_generator=anchors, mask_head=mask_head, mask_predictor=mask_predictor,
+                    **heads, **COMMON)
+
+
+def build_fasterrcnn(*, num_classes: int, variant: str = "full", backbone: str = "resnet50") -> FeatureDetector:
+    fpn = cnn_fpn(backbone, variant=variant, first_stride=4, extra_blocks=LastLevelMaxPool())
+    detector = _rcnn(fpn, num_classes=num_classes, variant=variant, masks=False)
+    return _wrap(detector, P2_P6, {"name": "fasterrcnn", "variant": variant, "backbone": backbone, "num_classes": num_classes})
+
+
+def build_maskrcnn(*, num_classes: int, variant: str = "full", backbone: str = "resnet50") -> FeatureDetector:
+    fpn = cnn_fpn(backbone, variant=variant, first_stride=4, extra_blocks=LastLevelMaxPool())
+    detector = _rcnn(fpn, num_classes=num_classes, variant=variant, masks=True)
+    return _wrap(detector, P2_P6, {"name": "maskrcnn", "variant": variant, "backbone": backbone, "num_classes": num_classes})
+
+
+def _swin_builder(name: str) -> Callable[..., FeatureDetector]:
+    def build(*, num_classes: int, variant: str = "full", backbone: str = name) -> FeatureDetector:
+        fpn = SwinFPN(name, tiny=variant == "tiny", fpn_channels=fpn_channels(variant))
+        detector = _rcnn(fpn, num_classes=num_classes, variant=variant, masks=False)
+        return _wrap(detector, P2_P6, {"name": name, "variant": variant, "backbone": name, "num_classes": num_classes})
+
+    build.__name__ = f"build_{name}"
+    build.__doc__ = f"{name} backbone + FPN (P2..P6) + Faster R-CNN head."
+    return build
+
+
+def build_resnet50(*, num_classes: int, variant: str = "full", backbone: str = "resnet50") -> FeatureDetector:
+    """Faster R-CNN R50-FPN teacher (P2..P6)."""
+    detector = build_fasterrcnn(num_classes=num_classes, variant=variant, backbone="resnet50")
+    detector.spec["name"] = "resnet50"
+    return detector
+
+
+DETECTORS: dict[str, Callable[..., FeatureDetector]] = {
+    "retinanet": build_retinanet,
+    "fcos": build_fcos,
+    "fasterrcnn": build_fasterrcnn,
+    "maskrcnn": build_maskrcnn,
+    "swin": _swin_builder("swin"),
+    "swin_s": _swin_builder("swin_s"),
+    "swin_b": _swin_builder("swin_b"),
+    "resnet50": build_resnet50,
+}
+STUDENTS = ("retinanet", "fcos", "fasterrcnn", "maskrcnn")
+TEACHERS = ("swin", "swin_s", "swin_b", "resnet50")
+USES_MASKS = {"maskrcnn"}
+
+
+def build_detector(name: str, *, num_classes: int, variant: str = "full", backbone: str | None = None) -> FeatureDetector:
+    """Build detector ``name`` (a key of ``DETECTORS``) with random weights; PkdError on unknown names."""
+    if name not in DETECTORS:
+        raise PkdError(f"unknown model {name!r}: choose one of {', '.join(DETECTORS)}")
+    if variant not in VARIANTS:
+        raise PkdError(f"unknown variant {variant!r}: choose one of {', '.join(VARIANTS)}")
+    kwargs = {"num_classes": num_classes, "variant": variant}
+    if backbone is not None and name not in TEACHERS:
+        kwargs["backbone"] = backbone
+    return DETECTORS[name](**kwargs)
