@@ -154,6 +154,7 @@ class ViewSampler(Sampler):
         self.seed, self.shuffle, self.random_views = seed, shuffle, random_views
         self.rank, self.num_replicas = rank, num_replicas
         self.epoch = 0
+        self.skip = 0  # keys of this epoch already consumed (a resumed run starts after them)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -166,13 +167,13 @@ class ViewSampler(Sampler):
         else:
             views = torch.zeros(self.num_images, dtype=torch.int64)
         keys = [(int(i), int(views[i])) for i in order]
-        return keys[self.rank::self.num_replicas]
+        return keys[self.rank::self.num_replicas][self.skip:]
 
     def __iter__(self):
         return iter(self.keys())
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.num_images, self.num_replicas))
+        return max(0, len(range(self.rank, self.num_images, self.num_replicas)) - self.skip)
 
 
 def collate(items: list[dict]) -> list[dict]:

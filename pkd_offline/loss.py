@@ -23,7 +23,9 @@ def _standardise(x: Tensor, weight: Tensor, count: Tensor) -> Tensor:
     mean = (x * weight).sum(dim=(0, 2, 3), keepdim=True) / count
     centred = x - mean
     var = (centred.square() * weight).sum(dim=(0, 2, 3), keepdim=True) / count
-    return centred / torch.sqrt(var + EPS)
+    # eps on the std as in the official implementation; the tiny term under the root keeps the
+    # gradient finite for constant channels.
+    return centred / (torch.sqrt(var + 1e-12) + EPS)
 
 
 def pcc_loss(student: Tensor, teacher: Tensor, valid: Tensor | None = None) -> Tensor:

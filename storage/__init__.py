@@ -1,0 +1,17 @@
+"""The feature store: teacher FPN features on disk (zarr or WebDataset), with a manifest and codecs.
+
+Imports only numpy, zarr, numcodecs, webdataset and the standard library, so a store can be
+read without the training code. Nothing is ever unpickled from a store.
+"""
+
+from storage.codecs import CODECS
+from storage.errors import StoreError
+from storage.inspect import describe
+from storage.manifest import LevelSpec, Manifest, ShardRecord
+from storage.sample import Sample
+from storage.store import create_store, detect_format, open_store
+
+__all__ = [
+    "CODECS", "LevelSpec", "Manifest", "Sample", "ShardRecord", "StoreError", "create_store", "describe",
+    "detect_format", "open_store",
+]

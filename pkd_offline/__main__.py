@@ -1,0 +1,5 @@
+import sys
+
+from pkd_offline.cli import main
+
+sys.exit(main())

@@ -1,0 +1,47 @@
+"""Checkpoints: written atomically, read only with ``torch.load(weights_only=True)`` (nothing is unpickled)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from pkd_offline.errors import PkdError
+from pkd_offline.models import FeatureDetector, build_detector
+
+
+def save_checkpoint(path: Path, content: dict) -> None:
+    """Write ``content`` (tensors, dicts, lists, str/int/float) to ``path`` via a temporary file and rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(content, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint safely; PkdError if it is missing, corrupt or holds anything but plain data."""
+    path = Path(path)
+    if not path.is_file():
+        raise PkdError(f"checkpoint {path} not found: pass --checkpoint FILE (a model.pt written by `pkd-offline train`)")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for corrupt or unsafe files
+        raise PkdError(f"checkpoint {path} cannot be loaded safely: {str(error).splitlines()[0]}") from None
+    if not isinstance(content, dict):
+        raise PkdError(f"checkpoint {path} is not a dict of weights")
+    return content
+
+
+def load_detector(path: Path) -> tuple[FeatureDetector, dict]:
+    """Rebuild the detector a project checkpoint describes (``spec``) and load its weights."""
+    content = load_checkpoint(path)
+    if "spec" not in content or "model" not in content:
+        raise PkdError(f"checkpoint {path} is not a pkd-offline model (no 'spec'/'model'); for other formats see the README")
+    spec = dict(content["spec"])
+    model = build_detector(spec["name"], num_classes=spec["num_classes"], variant=spec["variant"], backbone=spec.get("backbone"))
+    missing, unexpected = model.load_state_dict(content["model"], strict=False)
+    if missing or unexpected:
+        raise PkdError(f"checkpoint {path} does not fit {spec['name']}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model, content

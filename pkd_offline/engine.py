@@ -1,0 +1,138 @@
+"""The training loop shared by plain, offline-PKD and online-PKD training.
+
+One step: ``L = L_det + alpha * L_pkd``, where ``L_pkd`` compares the student's FPN maps (from the
+same forward as ``L_det``) with teacher maps that come either from the batch (a feature store) or
+from a teacher forward (online). With no teacher, ``L = L_det``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from pkd_offline.errors import PkdError
+from pkd_offline.loss import pkd_loss
+from pkd_offline.models import FeatureDetector
+from pkd_offline.pyramid import pad_teacher_maps, valid_masks
+from pkd_offline.views import padded_size
+
+
+@dataclass
+class Distillation:
+    """How the PKD term is formed: (student_stride, teacher_stride) pairs, weight ``alpha`` per level,
+    and the online ``teacher`` (None: teacher maps come with each item as ``teacher_features``)."""
+
+    pairs: list[tuple[int, int]]
+    alpha: float
+    teacher: FeatureDetector | None = None
+
+
+def batch_padded_hw(batch: list[dict], size_divisor: int) -> tuple[int, int]:
+    """The (H, W) px the detector transform pads this batch to."""
+    height = max(item["image"].shape[-2] for item in batch)
+    width = max(item["image"].shape[-1] for item in batch)
+    return padded_size(height, width, size_divisor)
+
+
+def teacher_maps(batch: list[dict], images: list[Tensor], distill: Distillation, padded_hw: tuple[int, int],
+                 device: torch.device) -> dict[int, Tensor]:
+    """{teacher_stride: (N, C, H, W)} at the batch's padded size, from the store or an online forward."""
+    strides = [t for _, t in distill.pairs]
+    if distill.teacher is None:
+        per_image = [{t: item["teacher_features"][t] for t in strides} for item in batch]
+        return pad_teacher_maps(per_image, padded_hw, device)
+    with torch.no_grad():
+        features, _ = distill.teacher.features(images)
+    return {t: features[t].float() for t in strides}
+
+
+def distillation_loss(student_features: dict[int, Tensor], batch: list[dict], images: list[Tensor],
+                      distill: Distillation, size_divisor: int, device: torch.device) -> Tensor:
+    """``alpha * pkd_loss`` over the valid region of each image (scalar float32)."""
+    padded_hw = batch_padded_hw(batch, size_divisor)
+    teacher = teacher_maps(batch, images, distill, padded_hw, device)
+    student = {t: student_features[s] for s, t in distill.pairs}
+    valid = valid_masks([item["image_hw"] for item in batch], padded_hw, list(teacher), device)
+    return distill.alpha * pkd_loss(student, teacher, valid)
+
+
+def lr_factor(iteration: int, total: int, warmup: int, schedule: str) -> float:
+    """Learning-rate multiplier: linear warm-up from 0.001, then cosine to 0 or steps x0.1 at 2/3 and 8/9."""
+    if iteration < warmup:
+        return 0.001 + (1 - 0.001) * iteration / warmup
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (iteration - warmup) / max(1, total - warmup)))
+    return 0.1 ** sum(iteration >= total * f for f in (2 / 3, 8 / 9))
+
+
+@dataclass
+class LoopState:
+    iteration: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+
+
+def train_steps(model: FeatureDetector, loader, sampler, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler, state: LoopState, total_iters: int, *,
+                device: torch.device, distill: Distillation | None, size_divisor: int, log_path: Path,
+                on_step: Callable[[LoopState], None] = lambda state: None, progress: bool = True) -> LoopState:
+    """Run SGD steps until ``state.iteration == total_iters``, appending one JSON line per step to ``log_path``.
+
+    Each line holds iter, epoch, lr, loss, loss_det, loss_pkd, every detection loss term, sec (the
+    whole step, data loading included) and data_sec. ``on_step`` runs after each step (checkpoints,
+    evaluation). A non-finite loss stops with a PkdError naming the step and the batch's image ids.
+    """
+    use_amp = device.type == "cuda"
+    bar = tqdm(total=total_iters, initial=state.iteration, desc="train", unit="it", disable=not progress)
+    with open(log_path, "a") as log:
+        while state.iteration < total_iters:
+            sampler.set_epoch(state.epoch)
+            sampler.skip = state.step_in_epoch * loader.batch_size
+            tick = time.perf_counter()
+            for batch in loader:
+                data_sec = time.perf_counter() - tick
+                model.train()
+                images = [item["image"].to(device, non_blocking=True) for item in batch]
+                targets = [{k: v.to(device) for k, v in item["target"].items()} for item in batch]
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    losses, student_features = model(images, targets)
+                    loss_det = sum(losses.values())
+                    loss_pkd = (distillation_loss(student_features, batch, images, distill, size_divisor, device)
+                                if distill is not None else torch.zeros((), device=device))
+                loss = loss_det + loss_pkd
+                if not torch.isfinite(loss):
+                    ids = [item["image_id"] for item in batch]
+                    raise PkdError(f"non-finite loss at step {state.iteration} (images {ids}): lower --lr or check the "
+                                   f"data; the last checkpoint is kept")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+                optimizer.step()
+                scheduler.step()
+                state.iteration += 1
+                state.step_in_epoch += 1
+                record = {"iter": state.iteration, "epoch": state.epoch, "lr": optimizer.param_groups[0]["lr"],
+                          "loss": loss.item(), "loss_det": loss_det.item(), "loss_pkd": loss_pkd.item(),
+                          **{k: v.item() for k, v in losses.items()},
+                          "sec": time.perf_counter() - tick, "data_sec": data_sec}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", pkd=f"{record['loss_pkd']:.3f}")
+                on_step(state)
+                if state.iteration >= total_iters:
+                    break
+                tick = time.perf_counter()
+            else:
+                state.epoch += 1
+                state.step_in_epoch = 0
+    bar.close()
+    return state

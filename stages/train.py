@@ -1,0 +1,174 @@
+"""Stage two: train a detector, plain, against a feature store (offline PKD) or a live teacher (online PKD)."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from pkd_offline.checkpoint import load_checkpoint, save_checkpoint
+from pkd_offline.config import to_plain
+from pkd_offline.data import CocoDetection, ViewSampler, collate
+from pkd_offline.engine import Distillation, LoopState, lr_factor, train_steps
+from pkd_offline.errors import PkdError
+from pkd_offline.evaluate import coco_box_ap, predict
+from pkd_offline.levels import pair_levels
+from pkd_offline.models import USES_MASKS, build_detector
+from pkd_offline.views import make_views
+from stages.teachers import load_teacher
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; pixel sizes in px, ``alpha`` per distilled level."""
+
+    student: str = "retinanet"
+    data: Path = Path("data/synth")
+    out: Path = Path("runs/student")
+    split: str = "train"
+    val_split: str | None = "val"
+    backbone: str | None = None
+    variant: str = "full"
+    epochs: int = 12
+    iters: int | None = None
+    batch_size: int = 8
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    weight_decay: float = 1e-4
+    warmup_iters: int = 100
+    schedule: str = "cosine"
+    short_side: int = 800
+    max_size: int = 1333
+    size_divisor: int = 32
+    views: int = 2
+    workers: int = 2
+    device: str = "cpu"
+    seed: int = 0
+    resume: bool = False
+    checkpoint_every: int = 200
+    eval_every: int = 0
+    features: Path | None = None
+    teacher: str | None = None
+    teacher_checkpoint: Path | None = None
+    random_init: bool = False
+    alpha: float = 6.0
+    level_map: str = "stride"
+    max_pairs: int = 4
+    progress: bool = True
+
+
+def resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PkdError("--device cuda asked for, but no CUDA GPU is visible: use --device cpu")
+    return torch.device(name)
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise PkdError(f"unknown optimizer {cfg.optimizer!r}: choose sgd or adamw")
+
+
+def setup_distillation(cfg: TrainConfig, dataset: CocoDetection, model, device: torch.device):
+    """The training dataset (joined with the store when offline) and the Distillation, or None for plain runs."""
+    if cfg.features is not None and cfg.teacher is not None:
+        raise PkdError("pass either --features STORE (offline) or --teacher NAME (online), not both")
+    if cfg.features is not None:
+        from stages.store_data import StoreJoinedDataset, check_store_fits
+
+        store = check_store_fits(cfg.features, dataset, model)
+        teacher_strides = [level.stride for level in store.manifest.levels]
+        pairs = pair_levels(list(model.strides), teacher_strides, cfg.level_map)[: cfg.max_pairs]
+        return StoreJoinedDataset(dataset, cfg.features), Distillation(pairs, cfg.alpha)
+    if cfg.teacher is not None:
+        teacher, _ = load_teacher(cfg.teacher, checkpoint=cfg.teacher_checkpoint, random_init=cfg.random_init,
+                                  variant=cfg.variant, num_classes=dataset.num_classes, seed=cfg.seed)
+        if teacher.channels != model.channels:
+            raise PkdError(f"teacher FPN has {teacher.channels} channels, student {model.channels}: use the same --variant")
+        pairs = pair_levels(list(model.strides), list(teacher.strides), cfg.level_map)[: cfg.max_pairs]
+        return dataset, Distillation(pairs, cfg.alpha, teacher.to(device))
+    return dataset, None
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train ``cfg.student`` on ``cfg.data``/``cfg.split``; writes ``out/model.pt``, ``out/log.jsonl``
+    (one line per step) and, with ``eval_every``, ``out/eval.jsonl``. Returns the model.pt path."""
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    views = make_views(cfg.views, cfg.short_side, cfg.max_size, cfg.size_divisor)
+    if cfg.features is not None:
+        from stages.store_data import store_views
+
+        views = store_views(cfg.features)
+    dataset = CocoDetection(cfg.data, cfg.split, views, with_masks=cfg.student in USES_MASKS)
+    model = build_detector(cfg.student, num_classes=dataset.num_classes, variant=cfg.variant, backbone=cfg.backbone)
+    train_set, distill = setup_distillation(cfg, dataset, model, device)
+    model.to(device)
+    sampler = ViewSampler(len(dataset), len(views), seed=cfg.seed)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
+                        num_workers=cfg.workers, persistent_workers=False, drop_last=False)
+    steps_per_epoch = -(-len(dataset) // cfg.batch_size)
+    total_iters = cfg.iters if cfg.iters is not None else cfg.epochs * steps_per_epoch
+    optimizer = build_optimizer(cfg, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: lr_factor(i, total_iters, min(cfg.warmup_iters, total_iters // 4), cfg.schedule))
+    state = LoopState()
+    last_path, log_path = out / "last.pt", out / "log.jsonl"
+    if cfg.resume and last_path.exists():
+        state = restore(last_path, model, optimizer, scheduler)
+        truncate_log(log_path, state.iteration)
+        truncate_log(out / "eval.jsonl", state.iteration)
+    elif not cfg.resume:
+        for stale in (log_path, out / "eval.jsonl", last_path):
+            stale.unlink(missing_ok=True)
+    val_set = None
+    if cfg.eval_every and cfg.val_split:
+        val_set = CocoDetection(cfg.data, cfg.val_split, views[:1])
+
+    def meta() -> dict:
+        return {"spec": model.spec, "category_ids": dataset.category_ids, "views": [v.to_dict() for v in views],
+                "config": to_plain(cfg), "distill_pairs": [list(p) for p in distill.pairs] if distill else []}
+
+    def on_step(state: LoopState) -> None:
+        done = state.iteration >= total_iters
+        if val_set is not None and (state.iteration % cfg.eval_every == 0 or done):
+            stats = coco_box_ap(val_set, predict(model, val_set, device, progress=False))
+            with open(out / "eval.jsonl", "a") as handle:
+                handle.write(json.dumps({"iter": state.iteration, **stats}) + "\n")
+        if state.iteration % cfg.checkpoint_every == 0 or done:
+            save_checkpoint(last_path, {**meta(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                        "scheduler": scheduler.state_dict(), "iteration": state.iteration,
+                                        "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
+                                        "torch_rng": torch.get_rng_state()})
+
+    train_steps(model, loader, sampler, optimizer, scheduler, state, total_iters, device=device, distill=distill,
+                size_divisor=cfg.size_divisor, log_path=log_path, on_step=on_step, progress=cfg.progress)
+    model_path = out / "model.pt"
+    save_checkpoint(model_path, {**meta(), "model": model.state_dict()})
+    return model_path
+
+
+def restore(path: Path, model, optimizer, scheduler) -> LoopState:
+    content = load_checkpoint(path)
+    model.load_state_dict(content["model"])
+    optimizer.load_state_dict(content["optimizer"])
+    scheduler.load_state_dict(content["scheduler"])
+    torch.set_rng_state(content["torch_rng"])
+    return LoopState(content["iteration"], content["epoch"], content["step_in_epoch"])
+
+
+def truncate_log(path: Path, iteration: int) -> None:
+    """Drop log lines past ``iteration`` (written after the checkpoint a resumed run restarts from)."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["iter"] <= iteration]
+        path.write_text("".join(line + "\n" for line in lines))

@@ -1,0 +1,181 @@
+"""What both store formats share: the writer and reader interfaces, sample validation, completion and finalize.
+
+A format subclasses ``StoreWriter`` (implementing ``_write_shard_files``) and ``StoreReader``
+(implementing ``read``, ``_iter_shard``, ``shard_paths``, ``_shard_sha256`` and ``bytes_on_disk``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from storage.codecs import CODECS, Codec
+from storage.errors import StoreError
+from storage.files import MANIFEST_NAME, atomic_write_bytes, marker_path, read_markers, write_marker
+from storage.manifest import Manifest, ShardRecord
+from storage.sample import Sample
+
+
+class StoreWriter:
+    """Writes shards of one store; several processes may write disjoint shards of the same store."""
+
+    def __init__(self, root: Path, manifest: Manifest) -> None:
+        self.root = Path(root)
+        self.manifest = manifest
+        self.codec: Codec = CODECS[manifest.codec]
+
+    def completed_shards(self) -> set[int]:
+        """Indices of shards whose data and marker are written (resume skips them)."""
+        return set(read_markers(self.root))
+
+    def write_shard(self, shard_index: int, samples: list[Sample]) -> ShardRecord:
+        """Encode and write shard ``shard_index``; ``samples`` must be exactly ``manifest.shard_range(k)`` in order.
+
+        Atomic: the shard is complete (marker written last) or absent; rewriting a shard first
+        withdraws its marker.
+        """
+        self._validate(shard_index, samples)
+        marker_path(self.root, shard_index).unlink(missing_ok=True)
+        sha256 = self._write_shard_files(shard_index, samples)
+        write_marker(self.root, shard_index, len(samples), sha256)
+        return ShardRecord(index=shard_index, samples=len(samples), sha256=sha256)
+
+    def finalize(self) -> Manifest:
+        """Write ``manifest.json`` listing every shard (atomically); StoreError if any shard is missing."""
+        markers = read_markers(self.root)
+        missing = [k for k in range(self.manifest.n_shards) if k not in markers]
+        if missing:
+            shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+            raise StoreError(f"store {self.root} is missing {len(missing)} of {self.manifest.n_shards} shards "
+                             f"({shown}): re-run extraction to resume it")
+        self.manifest.shards = [ShardRecord(**markers[k]) for k in range(self.manifest.n_shards)]
+        self.manifest._validate()
+        write_manifest(self.root, self.manifest)
+        return self.manifest
+
+    def _write_shard_files(self, shard_index: int, samples: list[Sample]) -> str:
+        """Write the shard's data files, replacing any partial ones; return their sha256."""
+        raise NotImplementedError
+
+    def _validate(self, shard_index: int, samples: list[Sample]) -> None:
+        manifest = self.manifest
+        expected = manifest.shard_range(shard_index)
+        if len(samples) != len(expected):
+            raise StoreError(f"shard {shard_index} needs {len(expected)} samples "
+                             f"({expected.start}..{expected.stop - 1}), got {len(samples)}")
+        for index, sample in zip(expected, samples):
+            where = f"sample {sample.index} (image {sample.image_id}, view {sample.view_index})"
+            image_index, view_index = divmod(index, manifest.n_views)
+            if (sample.index, sample.image_id, sample.view_index) != (index, manifest.image_ids[image_index],
+                                                                      view_index):
+                raise StoreError(f"{where} is out of place in shard {shard_index}: position {index} holds "
+                                 f"image {manifest.image_ids[image_index]}, view {view_index}")
+            if sorted(sample.features) != manifest.strides:
+                raise StoreError(f"{where} has strides {sorted(sample.features)}, the manifest {manifest.strides}")
+            if len(sample.image_hw) != 2:
+                raise StoreError(f"{where} image_hw must be (height, width), got {sample.image_hw}")
+            for level in manifest.levels:
+                shape = np.shape(sample.features[level.stride])
+                if (len(shape) != 3 or shape[0] != level.channels or shape[1] > level.max_height
+                        or shape[2] > level.max_width):
+                    raise StoreError(f"{where} stride {level.stride} map has shape {shape}; the manifest allows "
+                                     f"({level.channels}, <={level.max_height}, <={level.max_width})")
+
+
+class StoreReader:
+    """Reads a finalized store: random access by sample index, or streaming shard by shard."""
+
+    def __init__(self, root: Path, manifest: Manifest) -> None:
+        self.root = Path(root)
+        self.manifest = manifest
+        self.codec: Codec = CODECS[manifest.codec]
+        self._image_index: dict[int, int] | None = None
+
+    def __len__(self) -> int:
+        return self.manifest.n_samples
+
+    def read(self, index: int) -> Sample:
+        """Sample ``index`` with float32 features cropped to its own map sizes."""
+        raise NotImplementedError
+
+    def iter_samples(self, shard_indices: Iterable[int] | None = None) -> Iterator[Sample]:
+        """Samples in order, shard by shard (all shards by default); memory stays flat."""
+        shards = range(self.manifest.n_shards) if shard_indices is None else shard_indices
+        for k in shards:
+            self.manifest.shard_range(k)
+            yield from self._iter_shard(k)
+
+    def index_of(self, image_id: int, view_index: int) -> int:
+        """Sample index of ``image_id`` under view ``view_index``."""
+        if self._image_index is None:
+            self._image_index = {image_id: i for i, image_id in enumerate(self.manifest.image_ids)}
+        if image_id not in self._image_index:
+            raise StoreError(f"image {image_id} is not in the store {self.root}: extract it or check the data set")
+        if not 0 <= view_index < self.manifest.n_views:
+            raise StoreError(f"view {view_index} is not in the store {self.root} ({self.manifest.n_views} views)")
+        return self._image_index[image_id] * self.manifest.n_views + view_index
+
+    def shard_paths(self, k: int) -> list[str]:
+        """Paths of the files that make shard ``k``."""
+        raise NotImplementedError
+
+    def bytes_on_disk(self) -> dict:
+        """{"levels": {stride: bytes of that level's feature data}, "total": bytes of the whole store}."""
+        raise NotImplementedError
+
+    def verify_shards(self) -> list[str]:
+        """Recompute every shard's sha256 against the manifest; one problem line per bad shard ([] = intact)."""
+        problems = []
+        recorded = {record.index: record for record in self.manifest.shards}
+        for k in range(self.manifest.n_shards):
+            if k not in recorded:
+                problems.append(f"shard {k}: not listed in the manifest; re-run extraction")
+                continue
+            missing = [path for path in self.shard_paths(k) if not Path(path).is_file()]
+            if missing:
+                problems.append(f"shard {k}: missing file {missing[0]}; re-extract the shard")
+            elif (actual := self._shard_sha256(k)) != recorded[k].sha256:
+                problems.append(f"shard {k}: sha256 {actual[:12]}... differs from the manifest's "
+                                f"{recorded[k].sha256[:12]}... ({self.shard_paths(k)[0]} and siblings are "
+                                "damaged or changed); re-extract the shard")
+        return problems
+
+    def _iter_shard(self, k: int) -> Iterator[Sample]:
+        raise NotImplementedError
+
+    def _shard_sha256(self, k: int) -> str:
+        raise NotImplementedError
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < len(self):
+            raise StoreError(f"sample {index} is out of range: the store {self.root} has {len(self)} samples")
+
+    def _decode_level(self, stride: int, parts: dict[str, np.ndarray], hw: tuple[int, int], where: str) -> np.ndarray:
+        """Check each part's dtype and shape against the codec's layout, then decode to float32 (C, H, W)."""
+        channels = next(level.channels for level in self.manifest.levels if level.stride == stride)
+        layout = self.codec.part_layout(channels)
+        if set(parts) != set(layout):
+            raise StoreError(f"{where} stride {stride} has parts {sorted(parts)}, codec {self.codec.name} needs "
+                             f"{sorted(layout)}: the store is damaged; re-extract it")
+        for name, (dtype, kind) in layout.items():
+            shape = (channels, *hw) if kind == "map" else (channels,)
+            part = parts[name]
+            if part.dtype.kind not in "biuf" or part.dtype.newbyteorder("=") != dtype.newbyteorder("=") \
+                    or part.shape != shape:
+                raise StoreError(f"{where} stride {stride} part {name!r} is {part.dtype} {part.shape}, expected "
+                                 f"{dtype} {shape}: the store is damaged; re-extract it")
+        return self.codec.decode(parts)
+
+
+def write_manifest(root: Path, manifest: Manifest) -> None:
+    atomic_write_bytes(Path(root) / MANIFEST_NAME, manifest.to_json().encode())
+
+
+def read_manifest(root: Path) -> Manifest | None:
+    """The manifest at ``root``, or None if there is none."""
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    return Manifest.from_json(path.read_text())

@@ -1,0 +1,242 @@
+"""The WebDataset store format: a directory of plain POSIX tar shards, streamed sequentially.
+
+Layout of ``X/``: ``shard-{k:06d}.tar`` (written with webdataset's TarWriter, mtime 0 so equal
+content gives equal bytes), ``shards/{k:06d}.json`` markers and ``manifest.json``. A sample
+is the member group with key ``{index:09d}``:
+
+- ``meta.json``: {"image_id", "view_index", "image_hw": [h, w] pixels,
+  "feature_hw": {"<stride>": [h, w]}}
+- ``s{stride}.{part}.npy.zst``: ``np.save`` bytes (no pickle) of each codec part, zstd-compressed
+- any ``Sample.extras`` (e.g. ``jpg``, ``boxes.json``) as raw members.
+
+Shards are read with the standard library's tarfile (webdataset is imported only to write), as
+raw bytes decoded here (``np.load(..., allow_pickle=False)``);
+pickle-capable members (.pyd, .pickle, .pkl, .pth, .pt) are refused.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from numcodecs import Zstd
+
+from storage.base import StoreReader, StoreWriter
+from storage.errors import StoreError
+from storage.files import sha256_file
+from storage.manifest import Manifest
+from storage.sample import Sample
+
+PICKLE_EXTENSIONS = frozenset({"pyd", "pickle", "pkl", "pth", "pt"})
+_PART = re.compile(r"^s(\d+)\.([A-Za-z0-9_]+)\.npy(\.zst)?$")
+_EXTRA = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_ZSTD = Zstd(level=3)
+_TAR_BLOCK = 512
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:06d}.tar"
+
+
+def create_wds(root: Path, manifest: Manifest) -> WdsWriter:
+    """Create an empty WebDataset store directory at ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    return WdsWriter(root, manifest)
+
+
+def _open_tar(path: Path, mode: str) -> tarfile.TarFile:
+    """Open a shard tar ("r:" random access, "r|" streaming); StoreError naming it if missing or unreadable."""
+    try:
+        return tarfile.open(path, mode)
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise StoreError(f"shard {path} cannot be opened ({error}): run `verify` and re-extract the shard") from None
+
+
+def _refuse_pickle(name: str, where: str) -> None:
+    if name.rsplit(".", 1)[-1].lower() in PICKLE_EXTENSIONS:
+        raise StoreError(f"{where}: member {name!r} may hold a pickle, which is never loaded from a store; "
+                         "remove it or re-extract the shard")
+
+
+class WdsWriter(StoreWriter):
+    """Writes one tar per store shard: to ``shard-k.tar.tmp``, then renamed (a shard is complete or absent)."""
+
+    def _write_shard_files(self, shard_index: int, samples: list[Sample]) -> str:
+        # Imported here, not at module level: importing webdataset imports torch when torch is
+        # installed, and reading a store must not need (or load) the training stack.
+        from webdataset import TarWriter
+
+        final = self.root / shard_name(shard_index)
+        temporary = final.with_name(final.name + ".tmp")
+        try:
+            with open(temporary, "wb") as handle:
+                with TarWriter(handle, encoder=False, mtime=0) as writer:
+                    for sample in samples:
+                        writer.write(self._members(sample))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, final)
+        finally:
+            temporary.unlink(missing_ok=True)
+        return sha256_file(final)
+
+    def _members(self, sample: Sample) -> dict[str, bytes | str]:
+        meta = {"image_id": int(sample.image_id), "view_index": int(sample.view_index),
+                "image_hw": [int(v) for v in sample.image_hw],
+                "feature_hw": {str(s): list(np.shape(f)[1:]) for s, f in sorted(sample.features.items())}}
+        members: dict[str, bytes | str] = {"__key__": f"{sample.index:09d}", "meta.json": json.dumps(meta).encode()}
+        for stride in self.manifest.strides:
+            for part, values in self.codec.encode(sample.features[stride]).items():
+                buffer = io.BytesIO()
+                np.save(buffer, np.ascontiguousarray(values), allow_pickle=False)
+                members[f"s{stride}.{part}.npy.zst"] = _ZSTD.encode(buffer.getvalue())
+        for name, data in sample.extras.items():
+            where = f"sample {sample.index} extra"
+            if not _EXTRA.match(name) or name == "meta.json" or _PART.match(name) or name.startswith("_"):
+                raise StoreError(f"{where} {name!r} is not a usable member name (letters, digits, ._- and not "
+                                 "meta.json or s<stride>.<part>.npy): rename it")
+            _refuse_pickle(name, where)
+            members[name] = bytes(data)
+        return members
+
+
+class WdsReader(StoreReader):
+    """Streams shards with tarfile; random access indexes a shard's members once (a few shards cached)."""
+
+    _CACHED_SHARDS = 16
+
+    def __init__(self, root: Path, manifest: Manifest) -> None:
+        super().__init__(root, manifest)
+        self._indexes: dict[int, dict[str, dict[str, tuple[int, int]]]] = {}
+
+    def shard_paths(self, k: int) -> list[str]:
+        return [str(self.root / shard_name(k))]
+
+    def _shard_sha256(self, k: int) -> str:
+        return sha256_file(self.root / shard_name(k))
+
+    def read(self, index: int) -> Sample:
+        self._check_index(index)
+        k = index // self.manifest.samples_per_shard
+        path = self.root / shard_name(k)
+        entry = self._shard_index(k).get(f"{index:09d}")
+        if entry is None:
+            raise StoreError(f"shard {path} lacks sample {index}: run `verify` and re-extract the shard")
+        members = {}
+        with open(path, "rb") as handle:
+            for suffix, (offset, size) in entry.items():
+                handle.seek(offset)
+                members[suffix] = handle.read(size)
+                if len(members[suffix]) != size:
+                    raise StoreError(f"shard {path} is truncated at sample {index}: re-extract the shard")
+        return self._sample(index, members, f"sample {index} in {path}")
+
+    def _shard_index(self, k: int) -> dict[str, dict[str, tuple[int, int]]]:
+        if k not in self._indexes:
+            if len(self._indexes) >= self._CACHED_SHARDS:
+                self._indexes.pop(next(iter(self._indexes)))
+            path = self.root / shard_name(k)
+            index: dict[str, dict[str, tuple[int, int]]] = {}
+            for member in self._members_of(path, _open_tar(path, "r:")):
+                key, suffix = member.name.split(".", 1)
+                index.setdefault(key, {})[suffix] = (member.offset_data, member.size)
+            self._indexes[k] = index
+        return self._indexes[k]
+
+    def _iter_shard(self, k: int) -> Iterator[Sample]:
+        path = self.root / shard_name(k)
+        expected = iter(self.manifest.shard_range(k))
+        key, members = None, {}
+        with _open_tar(path, "r|") as tar:
+            for member in self._members_of(path, tar):
+                member_key, suffix = member.name.split(".", 1)
+                if member_key != key and key is not None:
+                    yield self._sample(self._next_index(expected, key, path), members, f"sample {key} in {path}")
+                    members = {}
+                key = member_key
+                try:
+                    members[suffix] = tar.extractfile(member).read()
+                except (tarfile.TarError, EOFError, OSError) as error:
+                    raise StoreError(f"shard {path} is truncated or damaged ({error}): re-extract the shard") from None
+        if key is not None:
+            yield self._sample(self._next_index(expected, key, path), members, f"sample {key} in {path}")
+        if next(expected, None) is not None:
+            raise StoreError(f"shard {path} ends early (truncated?): re-extract the shard")
+
+    @staticmethod
+    def _next_index(expected: Iterator[int], key: str, path: Path) -> int:
+        index = next(expected, None)
+        if index is None or key != f"{index:09d}":
+            raise StoreError(f"shard {path} holds sample key {key!r} where sample {index} belongs: re-extract it")
+        return index
+
+    @staticmethod
+    def _members_of(path: Path, tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+        """Regular-file members, each checked for a sample key and a non-pickle extension."""
+        try:
+            with tar:
+                for member in tar:
+                    if not member.isfile():
+                        raise StoreError(f"shard {path}: member {member.name!r} is not a regular file; re-extract it")
+                    if "." not in member.name or "/" in member.name:
+                        raise StoreError(f"shard {path}: member {member.name!r} is not '<key>.<ext>'; re-extract it")
+                    _refuse_pickle(member.name, f"shard {path}")
+                    yield member
+        except (tarfile.TarError, EOFError, OSError) as error:
+            raise StoreError(f"shard {path} is truncated or damaged ({error}): re-extract the shard") from None
+
+    def _sample(self, index: int, members: dict[str, bytes], where: str) -> Sample:
+        manifest = self.manifest
+        try:
+            meta = json.loads(members.pop("meta.json"))
+            image_id, view_index = int(meta["image_id"]), int(meta["view_index"])
+            image_hw = (int(meta["image_hw"][0]), int(meta["image_hw"][1]))
+            feature_hw = {int(s): (int(hw[0]), int(hw[1])) for s, hw in meta["feature_hw"].items()}
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as error:
+            raise StoreError(f"{where}: meta.json is missing or malformed ({error}); re-extract the shard") from None
+        image_index, expected_view = divmod(index, manifest.n_views)
+        if (image_id, view_index) != (manifest.image_ids[image_index], expected_view):
+            raise StoreError(f"{where} is image {image_id} view {view_index}, the manifest says image "
+                             f"{manifest.image_ids[image_index]} view {expected_view}: re-extract the shard")
+        parts: dict[int, dict[str, np.ndarray]] = {stride: {} for stride in manifest.strides}
+        extras = {}
+        for suffix, data in members.items():
+            match = _PART.match(suffix)
+            if match is None:
+                extras[suffix] = data
+                continue
+            stride = int(match.group(1))
+            if stride not in parts:
+                raise StoreError(f"{where}: member {suffix!r} has a stride not in the manifest; re-extract it")
+            try:
+                raw = _ZSTD.decode(data) if match.group(3) else data
+                parts[stride][match.group(2)] = np.load(io.BytesIO(raw), allow_pickle=False)
+            except (ValueError, RuntimeError, OSError, EOFError) as error:
+                raise StoreError(f"{where}: member {suffix!r} is not a plain numeric .npy ({error}); "
+                                 "re-extract the shard") from None
+        features = {}
+        for stride in manifest.strides:
+            if stride not in feature_hw:
+                raise StoreError(f"{where}: meta.json lacks stride {stride}; re-extract the shard")
+            features[stride] = self._decode_level(stride, parts[stride], feature_hw[stride], where)
+        return Sample(index=index, image_id=image_id, view_index=view_index, image_hw=image_hw,
+                      features=features, extras=extras)
+
+    def bytes_on_disk(self) -> dict:
+        """Per level: bytes its members take in the tars (512-byte header plus padded data); total: all files."""
+        levels = dict.fromkeys(self.manifest.strides, 0)
+        for k in range(self.manifest.n_shards):
+            path = self.root / shard_name(k)
+            for member in self._members_of(path, _open_tar(path, "r:")):
+                match = _PART.match(member.name.split(".", 1)[1])
+                if match and int(match.group(1)) in levels:
+                    padded = -(-member.size // _TAR_BLOCK) * _TAR_BLOCK
+                    levels[int(match.group(1))] += _TAR_BLOCK + padded
+        total = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(self.root) for f in files)
+        return {"levels": levels, "total": total}

@@ -1,0 +1,196 @@
+"""The zarr (v3) store format: random access by sample, one shard file per array per store shard.
+
+Layout of ``X.zarr/`` (N samples, S = samples_per_shard, L levels):
+
+- ``s{stride}/{part}``: (N, C, max_h, max_w) for a codec's "map" part, (N, C) for a "channel"
+  part; chunk = one sample, shard = S samples (zarr's ShardingCodec), zstd; maps are zero
+  padded past each sample's own size.
+- ``image_id`` (N,) int64, ``view_index`` (N,) int16, ``image_hw`` (N, 2) int32 pixels,
+  ``feature_hw`` (N, L, 2) int32 (each sample's own map size per level); one chunk = S samples.
+- ``shards/{k:06d}.json`` completion markers, ``manifest.json`` (see ``storage.files``).
+
+Store shard k is therefore exactly one file per array (``<array>/c/k/0/...``), so processes
+writing different shards never touch the same file. zarr 3's LocalStore writes each file
+through a temporary ``*.partial`` name and renames it, so a single file is never torn; a
+store shard spans many files, hence the marker, written last.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+from storage.base import StoreReader, StoreWriter
+from storage.codecs import CODECS
+from storage.errors import StoreError
+from storage.files import sha256_files
+from storage.manifest import Manifest
+from storage.sample import Sample
+
+_ZSTD_LEVEL = 3
+_METADATA = {"image_id": "<i8", "view_index": "<i2", "image_hw": "<i4", "feature_hw": "<i4"}
+
+
+def array_specs(manifest: Manifest) -> dict[str, tuple[np.dtype, tuple[int, ...], tuple[int, ...] | None]]:
+    """Every array of the store: name -> (dtype, shape, shard shape or None when one chunk is one store shard)."""
+    n, per_shard, codec = manifest.n_samples, manifest.samples_per_shard, CODECS[manifest.codec]
+    specs: dict[str, tuple[np.dtype, tuple[int, ...], tuple[int, ...] | None]] = {
+        "image_id": (np.dtype(_METADATA["image_id"]), (n,), None),
+        "view_index": (np.dtype(_METADATA["view_index"]), (n,), None),
+        "image_hw": (np.dtype(_METADATA["image_hw"]), (n, 2), None),
+        "feature_hw": (np.dtype(_METADATA["feature_hw"]), (n, len(manifest.levels), 2), None),
+    }
+    for level in manifest.levels:
+        for part, (dtype, kind) in codec.part_layout(level.channels).items():
+            item = (level.channels, level.max_height, level.max_width) if kind == "map" else (level.channels,)
+            specs[f"s{level.stride}/{part}"] = (np.dtype(dtype), (n, *item), (per_shard, *item))
+    return specs
+
+
+def create_zarr(root: Path, manifest: Manifest) -> ZarrWriter:
+    """Create the store's arrays at ``root`` where absent (so an interrupted creation completes) and open it."""
+    group = zarr.open_group(str(root), mode="a", zarr_format=3)
+    for name, (dtype, shape, shards) in array_specs(manifest).items():
+        if name in group:
+            continue
+        per_shard = manifest.samples_per_shard
+        chunks = (1, *shape[1:]) if shards else (per_shard, *shape[1:])
+        group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards, fill_value=0,
+                           compressors=ZstdCodec(level=_ZSTD_LEVEL))
+    return ZarrWriter(root, manifest)
+
+
+class ZarrWriter(StoreWriter):
+    """Writes store shards of a zarr store created by ``create_zarr``."""
+
+    def __init__(self, root: Path, manifest: Manifest) -> None:
+        super().__init__(root, manifest)
+        self.group = zarr.open_group(str(root), mode="r+", zarr_format=3)
+        # write_empty_chunks is runtime configuration, not stored: without it an all-zero shard
+        # (e.g. view_index with one view) would leave no file, and the shard's file set would vary.
+        self.arrays = {name: self.group[name].with_config({"write_empty_chunks": True})
+                       for name in array_specs(manifest)}
+
+    def _write_shard_files(self, shard_index: int, samples: list[Sample]) -> str:
+        manifest = self.manifest
+        span = manifest.shard_range(shard_index)
+        rows = slice(span.start, span.stop)
+        n = len(samples)
+        # One level and part at a time keeps peak memory at one padded block beside the input.
+        for level in manifest.levels:
+            layout = self.codec.part_layout(level.channels)
+            blocks = {part: np.zeros((n, level.channels, level.max_height, level.max_width) if kind == "map"
+                                     else (n, level.channels), dtype) for part, (dtype, kind) in layout.items()}
+            for i, sample in enumerate(samples):
+                features = sample.features[level.stride]
+                for part, values in self.codec.encode(features).items():
+                    if layout[part][1] == "map":
+                        blocks[part][i, :, : features.shape[1], : features.shape[2]] = values
+                    else:
+                        blocks[part][i] = values
+            for part, block in blocks.items():
+                self.arrays[f"s{level.stride}/{part}"][rows] = block
+            del blocks
+        self.arrays["image_id"][rows] = [s.image_id for s in samples]
+        self.arrays["view_index"][rows] = [s.view_index for s in samples]
+        self.arrays["image_hw"][rows] = np.array([s.image_hw for s in samples], np.int32).reshape(n, 2)
+        self.arrays["feature_hw"][rows] = np.array(
+            [[np.shape(s.features[stride])[1:] for stride in manifest.strides] for s in samples], np.int32
+        ).reshape(n, len(manifest.levels), 2)
+        return sha256_files(self.root, shard_files(self.group, manifest, shard_index))
+
+
+def shard_files(group: zarr.Group, manifest: Manifest, shard_index: int) -> list[str]:
+    """Paths, relative to the store root, of the files that make store shard ``shard_index`` (one per array)."""
+    paths = []
+    for name, (_, shape, _) in array_specs(manifest).items():
+        key = group[name].metadata.encode_chunk_key((shard_index,) + (0,) * (len(shape) - 1))
+        paths.append(f"{name}/{key}")
+    return paths
+
+
+class ZarrReader(StoreReader):
+    """Random-access reader of a zarr store; per-shard metadata is cached (a few shards)."""
+
+    _CACHED_SHARDS = 16
+
+    def __init__(self, root: Path, manifest: Manifest) -> None:
+        super().__init__(root, manifest)
+        try:
+            self.group = zarr.open_group(str(root), mode="r", zarr_format=3)
+        except Exception as error:  # zarr raises several types for a damaged group
+            raise StoreError(f"{root} is not a readable zarr v3 store ({error}): re-run extraction") from None
+        self.arrays: dict[str, zarr.Array] = {}
+        for name, (dtype, shape, _) in array_specs(manifest).items():
+            try:
+                array = self.group[name]
+            except KeyError:
+                raise StoreError(f"zarr store {root} lacks array {name!r}: the store is damaged; "
+                                 "re-extract it") from None
+            stored = np.dtype(array.dtype) if isinstance(array.dtype, np.dtype) else None
+            if stored is None or stored.kind not in "biuf":
+                raise StoreError(f"zarr array {root}/{name} has dtype {array.dtype}; only numeric dtypes are "
+                                 "read (object and string dtypes are refused): the store is not ours")
+            if stored != dtype or array.shape != shape:
+                raise StoreError(f"zarr array {root}/{name} is {stored} {array.shape}, the manifest implies "
+                                 f"{dtype} {shape}: the store is damaged; re-extract it")
+            self.arrays[name] = array
+        self._metadata: dict[int, dict[str, np.ndarray]] = {}
+
+    def read(self, index: int) -> Sample:
+        self._check_index(index)
+        k = index // self.manifest.samples_per_shard
+        metadata = self._shard_metadata(k)
+        row = index - k * self.manifest.samples_per_shard
+        where = f"sample {index} (shard {k} of {self.root})"
+        features = {}
+        try:
+            for l, level in enumerate(self.manifest.levels):
+                h, w = (int(v) for v in metadata["feature_hw"][row, l])
+                parts = {}
+                for part, (_, kind) in self.codec.part_layout(level.channels).items():
+                    array = self.arrays[f"s{level.stride}/{part}"]
+                    parts[part] = array[index, :, :h, :w] if kind == "map" else array[index]
+                features[level.stride] = self._decode_level(level.stride, parts, (h, w), where)
+        except StoreError:
+            raise
+        except Exception as error:  # zarr/numcodecs raise many types on a damaged shard file
+            raise StoreError(f"{where} cannot be read ({error}): run `verify` and re-extract the shard") from None
+        return Sample(index=index, image_id=int(metadata["image_id"][row]),
+                      view_index=int(metadata["view_index"][row]),
+                      image_hw=(int(metadata["image_hw"][row, 0]), int(metadata["image_hw"][row, 1])),
+                      features=features)
+
+    def _iter_shard(self, k: int):
+        for index in self.manifest.shard_range(k):
+            yield self.read(index)
+
+    def _shard_metadata(self, k: int) -> dict[str, np.ndarray]:
+        if k not in self._metadata:
+            if len(self._metadata) >= self._CACHED_SHARDS:
+                self._metadata.pop(next(iter(self._metadata)))
+            span = self.manifest.shard_range(k)
+            try:
+                self._metadata[k] = {name: self.arrays[name][span.start: span.stop] for name in _METADATA}
+            except Exception as error:
+                raise StoreError(f"shard {k} of {self.root}: metadata cannot be read ({error}); "
+                                 "run `verify` and re-extract the shard") from None
+        return self._metadata[k]
+
+    def shard_paths(self, k: int) -> list[str]:
+        return [str(self.root / path) for path in sorted(shard_files(self.group, self.manifest, k))]
+
+    def _shard_sha256(self, k: int) -> str:
+        return sha256_files(self.root, shard_files(self.group, self.manifest, k))
+
+    def bytes_on_disk(self) -> dict:
+        levels = {stride: _tree_bytes(self.root / f"s{stride}") for stride in self.manifest.strides}
+        return {"levels": levels, "total": _tree_bytes(self.root)}
+
+
+def _tree_bytes(root: Path) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)

@@ -1,0 +1,81 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from pkd_offline.data import CocoDetection, ViewSampler, load_coco
+from pkd_offline.errors import PkdError
+from pkd_offline.views import View
+
+
+def test_category_ids_with_gaps_map_to_contiguous_labels_and_back(synth_data):
+    dataset = CocoDetection(synth_data, "train", [View(128, 128)])
+    assert dataset.category_ids == [1, 3, 5, 8, 13, 21]
+    assert sorted(dataset.label_of_category.values()) == list(range(1, 7))
+    assert dataset.num_classes == 7
+    for label, category in enumerate(dataset.category_ids, start=1):
+        assert dataset.category_ids[label - 1] == category
+
+
+def test_items_crowd_ignored_empty_images_kept(synth_data):
+    dataset = CocoDetection(synth_data, "train", [View(128, 128), View(128, 128, flip=True)])
+    coco = dataset.coco
+    crowd_images = {a["image_id"] for a in coco.dataset["annotations"] if a["iscrowd"]}
+    for index, image_id in enumerate(dataset.image_ids):
+        item = dataset[(index, 1)]
+        expected = [a for a in coco.imgToAnns.get(image_id, []) if not a["iscrowd"]]
+        assert item["target"]["boxes"].shape == (len(expected), 4)
+        assert item["image"].shape[0] == 3 and item["image_hw"] == tuple(item["image"].shape[-2:])
+        assert item["view_index"] == 1 and item["image_id"] == image_id
+    assert any(not coco.imgToAnns.get(i) for i in dataset.image_ids) or crowd_images
+
+
+def test_masks_come_with_maskrcnn_data(synth_data):
+    dataset = CocoDetection(synth_data, "train", [View(128, 128)], with_masks=True)
+    item = dataset[(0, 0)]
+    masks, boxes = item["target"]["masks"], item["target"]["boxes"]
+    assert masks.shape[0] == boxes.shape[0] and masks.shape[-2:] == item["image"].shape[-2:]
+
+
+def test_sampler_is_deterministic_per_epoch_and_skips_on_resume():
+    sampler = ViewSampler(10, 2, seed=5)
+    sampler.set_epoch(3)
+    keys = sampler.keys()
+    assert sorted(k[0] for k in keys) == list(range(10))
+    again = ViewSampler(10, 2, seed=5)
+    again.set_epoch(3)
+    assert again.keys() == keys
+    again.skip = 4
+    assert list(again) == keys[4:] and len(again) == 6
+    ranks = [ViewSampler(10, 2, seed=5, rank=r, num_replicas=2) for r in (0, 1)]
+    for r in ranks:
+        r.set_epoch(3)
+    assert sorted(ranks[0].keys() + ranks[1].keys()) == sorted(keys)
+
+
+def test_missing_image_is_a_clear_error(synth_data, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(synth_data, copy)
+    dataset = CocoDetection(copy, "train", [View(128, 128)])
+    dataset.image_file(dataset.image_ids[0]).unlink()
+    with pytest.raises(PkdError, match="not found"):
+        dataset[(0, 0)]
+
+
+def test_corrupt_jpeg_is_a_clear_error(synth_data, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(synth_data, copy)
+    dataset = CocoDetection(copy, "train", [View(128, 128)])
+    path = dataset.image_file(dataset.image_ids[1])
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(PkdError, match="corrupt"):
+        dataset[(1, 0)]
+
+
+@pytest.mark.parametrize("content", ["not json {", json.dumps([1, 2]), json.dumps({"images": []})])
+def test_annotation_file_that_is_not_coco(tmp_path, content):
+    path = tmp_path / "instances_train.json"
+    path.write_text(content)
+    with pytest.raises(PkdError, match="not a COCO annotation file"):
+        load_coco(path)

@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+import torch
+
+from pkd_offline.loss import pcc_loss, pkd_loss
+
+
+def reference_one_minus_r(student: np.ndarray, teacher: np.ndarray, valid: np.ndarray | None = None) -> float:
+    """Independent float64 computation: 1 - Pearson r per channel over valid (N, H, W), averaged."""
+    n, c = student.shape[:2]
+    mask = np.ones((n,) + student.shape[2:], bool) if valid is None else valid
+    values = []
+    for channel in range(c):
+        s = student[:, channel][mask].astype(np.float64)
+        t = teacher[:, channel][mask].astype(np.float64)
+        values.append(1.0 - np.corrcoef(s, t)[0, 1])
+    return float(np.mean(values))
+
+
+def test_matches_one_minus_pearson_r():
+    generator = torch.Generator().manual_seed(0)
+    teacher = torch.randn(2, 5, 6, 7, generator=generator)
+    student = 0.7 * teacher + torch.randn(2, 5, 6, 7, generator=generator)
+    expected = reference_one_minus_r(student.numpy(), teacher.numpy())
+    assert pcc_loss(student, teacher).item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_identical_maps_give_zero_and_opposite_give_two():
+    teacher = torch.randn(3, 4, 5, 5)
+    assert pcc_loss(teacher.clone(), teacher).item() == pytest.approx(0.0, abs=1e-5)
+    assert pcc_loss(-teacher, teacher).item() == pytest.approx(2.0, abs=1e-4)
+
+
+def test_invariant_to_positive_scale_and_shift_of_teacher_per_channel():
+    teacher, student = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    scale = torch.tensor([0.1, 3.0, 50.0, 1e-2]).view(1, 4, 1, 1)
+    shift = torch.tensor([-5.0, 0.0, 100.0, 2.0]).view(1, 4, 1, 1)
+    assert pcc_loss(student, teacher * scale + shift).item() == pytest.approx(pcc_loss(student, teacher).item(), abs=1e-4)
+
+
+def test_padding_does_not_change_loss_with_valid_mask():
+    generator = torch.Generator().manual_seed(1)
+    teacher = torch.randn(2, 3, 6, 5, generator=generator)
+    student = teacher + 0.5 * torch.randn(2, 3, 6, 5, generator=generator)
+    unpadded = pcc_loss(student, teacher)
+    padded_t = torch.nn.functional.pad(teacher, (0, 3, 0, 2), value=7.0)
+    padded_s = torch.nn.functional.pad(student, (0, 3, 0, 2), value=-3.0)
+    valid = torch.zeros(2, 8, 8, dtype=torch.bool)
+    valid[:, :6, :5] = True
+    assert pcc_loss(padded_s, padded_t, valid).item() == pytest.approx(unpadded.item(), abs=1e-5)
+    assert pcc_loss(padded_s, padded_t).item() != pytest.approx(unpadded.item(), abs=1e-3)
+
+
+def test_ragged_valid_regions_match_reference():
+    generator = torch.Generator().manual_seed(2)
+    teacher = torch.randn(2, 3, 6, 6, generator=generator)
+    student = teacher + torch.randn(2, 3, 6, 6, generator=generator)
+    valid = torch.zeros(2, 6, 6, dtype=torch.bool)
+    valid[0, :6, :4] = True
+    valid[1, :3, :6] = True
+    expected = reference_one_minus_r(student.numpy(), teacher.numpy(), valid.numpy())
+    assert pcc_loss(student, teacher, valid).item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_student_resized_bilinearly_to_teacher_size():
+    teacher = torch.randn(1, 2, 8, 8)
+    student = torch.randn(1, 2, 4, 4)
+    resized = torch.nn.functional.interpolate(student, size=(8, 8), mode="bilinear", align_corners=False)
+    assert pcc_loss(student, teacher).item() == pytest.approx(pcc_loss(resized, teacher).item(), abs=1e-6)
+
+
+def test_no_gradient_reaches_teacher_and_student_gets_one():
+    teacher = torch.randn(1, 2, 4, 4, requires_grad=True)
+    student = torch.randn(1, 2, 4, 4, requires_grad=True)
+    pcc_loss(student, teacher).backward()
+    assert teacher.grad is None
+    assert student.grad is not None and student.grad.abs().sum() > 0
+
+
+def test_pkd_loss_sums_common_strides():
+    teacher = {8: torch.randn(1, 2, 4, 4), 16: torch.randn(1, 2, 2, 2), 32: torch.randn(1, 2, 1, 1)}
+    student = {8: torch.randn(1, 2, 4, 4), 16: torch.randn(1, 2, 2, 2), 64: torch.randn(1, 2, 1, 1)}
+    expected = pcc_loss(student[8], teacher[8]) + pcc_loss(student[16], teacher[16])
+    assert pkd_loss(student, teacher).item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_channel_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="channels"):
+        pcc_loss(torch.randn(1, 3, 4, 4), torch.randn(1, 4, 4, 4))

@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from pkd_offline.errors import PkdError
+from pkd_offline.models import DETECTORS, P2_P6, P3_P7, STUDENTS, build_detector
+
+
+def _targets(sizes, masks=False):
+    targets = []
+    for i, (h, w) in enumerate(sizes):
+        boxes = torch.tensor([[4.0, 6.0, 40.0, 50.0]]) if i == 0 else torch.zeros(0, 4)
+        target = {"boxes": boxes, "labels": torch.ones(len(boxes), dtype=torch.int64)}
+        if masks:
+            target["masks"] = torch.zeros(len(boxes), h, w, dtype=torch.uint8)
+            if len(boxes):
+                target["masks"][0, 6:50, 4:40] = 1
+        targets.append(target)
+    return targets
+
+
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_every_detector_returns_losses_and_fpn_by_stride_in_one_forward(name):
+    torch.manual_seed(0)
+    model = build_detector(name, num_classes=4, variant="tiny")
+    sizes = [(96, 128), (64, 96)]  # ragged: the transform pads to 96 x 128
+    images = [torch.rand(3, h, w) for h, w in sizes]
+    model.train()
+    losses, features = model(images, _targets(sizes, masks=name == "maskrcnn"))
+    expected = P3_P7 if name in ("retinanet", "fcos") else P2_P6
+    assert tuple(features) == expected
+    for stride, level in features.items():
+        assert level.shape == (2, 64, -(-96 // stride), -(-128 // stride))
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    model.eval()
+    with torch.no_grad():
+        detections, _ = model(images)
+        teacher_maps, image_sizes = model.features(images)
+    assert len(detections) == 2 and {"boxes", "scores", "labels"} <= set(detections[0])
+    assert image_sizes == sizes, "the transform must not resize"
+    assert torch.allclose(teacher_maps[expected[0]], model(images)[1][expected[0]])
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3", "resnet50"])
+def test_student_backbones_are_selectable(backbone):
+    model = build_detector("retinanet", num_classes=3, variant="tiny", backbone=backbone)
+    model.eval()
+    with torch.no_grad():
+        _, features = model([torch.rand(3, 64, 64)])
+    assert tuple(features) == P3_P7
+
+
+def test_full_variant_has_paper_fpn_width():
+    model = build_detector("retinanet", num_classes=81, variant="full", backbone="resnet50")
+    assert model.channels == 256
+    assert sum(p.numel() for p in model.parameters()) > 30_000_000
+
+
+def test_unknown_names_list_the_known_ones():
+    with pytest.raises(PkdError, match="retinanet, fcos"):
+        build_detector("yolo", num_classes=3)
+    with pytest.raises(PkdError, match="resnet50, resnet18, mobilenet_v3"):
+        build_detector("retinanet", num_classes=3, backbone="vgg")
+    assert set(STUDENTS) <= set(DETECTORS)
