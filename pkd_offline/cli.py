@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path)
     train.add_argument("--epochs", type=int)
     train.add_argument("--iters", type=int)
+    train.add_argument("--stop-after", dest="stop_after", type=int, help="end after N steps; --resume continues")
     train.add_argument("--batch-size", dest="batch_size", type=int)
     train.add_argument("--optimizer", choices=("sgd", "adamw"))
     train.add_argument("--lr", type=float)

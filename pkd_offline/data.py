@@ -135,6 +135,7 @@ class CocoDetection(Dataset):
             "image": view_image,
             "target": target,
             "image_id": image_id,
+            "image_index": image_index,
             "view_index": view_index,
             "image_hw": tuple(view_image.shape[-2:]),
             "original_hw": self.original_hw(image_id),

@@ -21,7 +21,8 @@ def predict(model: torch.nn.Module, dataset: CocoDetection, device: torch.device
     """COCO result dicts (image_id, category_id, bbox xywh in original px, score) for every image."""
     model.eval()
     sampler = ViewSampler(len(dataset), len(dataset.views), shuffle=False, random_views=False)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=workers)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=workers,
+                        generator=torch.Generator())  # an own generator keeps the global RNG of a training run intact
     results = []
     for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
         detections, _ = model([item["image"].to(device) for item in batch])

@@ -35,6 +35,7 @@ class TrainConfig:
     variant: str = "full"
     epochs: int = 12
     iters: int | None = None
+    stop_after: int | None = None
     batch_size: int = 8
     optimizer: str = "sgd"
     lr: float = 0.01
@@ -116,7 +117,8 @@ def train(cfg: TrainConfig) -> Path:
     model.to(device)
     sampler = ViewSampler(len(dataset), len(views), seed=cfg.seed)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
-                        num_workers=cfg.workers, persistent_workers=False, drop_last=False)
+                        num_workers=cfg.workers, persistent_workers=False, drop_last=False,
+                        generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG to the model
     steps_per_epoch = -(-len(dataset) // cfg.batch_size)
     total_iters = cfg.iters if cfg.iters is not None else cfg.epochs * steps_per_epoch
     optimizer = build_optimizer(cfg, model)
@@ -146,13 +148,20 @@ def train(cfg: TrainConfig) -> Path:
             with open(out / "eval.jsonl", "a") as handle:
                 handle.write(json.dumps({"iter": state.iteration, **stats}) + "\n")
         if state.iteration % cfg.checkpoint_every == 0 or done:
-            save_checkpoint(last_path, {**meta(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "scheduler": scheduler.state_dict(), "iteration": state.iteration,
-                                        "epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
-                                        "torch_rng": torch.get_rng_state()})
+            save_checkpoint(last_path, checkpoint_content())
 
-    train_steps(model, loader, sampler, optimizer, scheduler, state, total_iters, device=device, distill=distill,
+    def checkpoint_content() -> dict:
+        return {**meta(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "iteration": state.iteration, "epoch": state.epoch,
+                "step_in_epoch": state.step_in_epoch, "torch_rng": torch.get_rng_state()}
+
+    # --stop-after ends this session early (a time-limited job); --resume continues on the same schedule.
+    stop_at = total_iters if cfg.stop_after is None else min(total_iters, state.iteration + cfg.stop_after)
+    train_steps(model, loader, sampler, optimizer, scheduler, state, stop_at, device=device, distill=distill,
                 size_divisor=cfg.size_divisor, log_path=log_path, on_step=on_step, progress=cfg.progress)
+    if state.iteration < total_iters:
+        save_checkpoint(last_path, checkpoint_content())
+        return last_path
     model_path = out / "model.pt"
     save_checkpoint(model_path, {**meta(), "model": model.state_dict()})
     return model_path

@@ -63,15 +63,19 @@ def _rcnn(fpn: nn.Module, *, num_classes: int, variant: str, masks: bool) -> nn.
     sizes = _anchor_sizes(P2_P6, variant, octaves=False)
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
     representation = 1024 if variant == "full" else 256
+    # Small images hold few objects: fewer proposals and sampled RoIs keep CPU steps short.
+    sampling = {} if variant == "full" else {
+        "rpn_pre_nms_top_n_train": 600, "rpn_post_nms_top_n_train": 300, "rpn_pre_nms_top_n_test": 300,
+        "rpn_post_nms_top_n_test": 150, "box_batch_size_per_image": 128}
     heads = {"box_head": TwoMLPHead(fpn.out_channels * 7 * 7, representation),
              "box_predictor": FastRCNNPredictor(representation, num_classes)}
     if not masks:
-        return FasterRCNN(fpn, None, rpn_anchor_generator=anchors, **heads, **COMMON)
+        return FasterRCNN(fpn, None, rpn_anchor_generator=anchors, **heads, **sampling, **COMMON)
     mask_layers = (256,) * 4 if variant == "full" else (fpn.out_channels,) * 2
     mask_head = MaskRCNNHeads(fpn.out_channels, mask_layers, 1)
     mask_predictor = MaskRCNNPredictor(mask_layers[-1], mask_layers[-1], num_classes)
     return MaskRCNN(fpn, None, rpn_anchor_generator=anchors, mask_head=mask_head, mask_predictor=mask_predictor,
-                    **heads, **COMMON)
+                    **heads, **sampling, **COMMON)
 
 
 def build_fasterrcnn(*, num_classes: int, variant: str = "full", backbone: str = "resnet50") -> FeatureDetector:

@@ -1,0 +1,238 @@
+"""Stage one: run the teacher's backbone+FPN once over a data set and store every level, compressed.
+
+Work is split into the store's shards (fixed ranges of samples, sample = image x view). A shard is
+the unit of atomic writes and of resume: a killed run re-run with the same arguments skips the
+finished shards. Within a shard, images are batched only with images of the same padded size, so
+a sample's features never depend on its batch neighbours (nor on the batch size's padding).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pkd_offline.data import CocoDetection, file_sha256, read_image
+from pkd_offline.errors import PkdError
+from pkd_offline.pyramid import level_size
+from pkd_offline.views import View, make_views, padded_size, resized_size
+from stages.teachers import load_teacher
+from stages.train import resolve_device
+from storage import LevelSpec, Manifest, Sample, create_store, detect_format
+
+
+@dataclass
+class ExtractConfig:
+    """Stage-one settings; pixel sizes in px, ``levels`` as pyramid level numbers (P2 = stride 4)."""
+
+    teacher: str = "swin"
+    checkpoint: Path | None = None
+    random_init: bool = False
+    variant: str = "full"
+    data: Path = Path("data/synth")
+    split: str = "train"
+    out: Path = Path("features/train.zarr")
+    store_format: str | None = None
+    codec: str = "fp16"
+    views: int = 1
+    levels: str | None = None
+    short_side: int = 800
+    max_size: int = 1333
+    size_divisor: int = 32
+    batch_size: int = 8
+    workers: int = 2
+    device: str = "cpu"
+    samples_per_shard: int = 64
+    on_error: str = "stop"
+    with_images: bool = False
+    overwrite: bool = False
+    seed: int = 0
+    progress: bool = True
+
+
+def parse_levels(levels: str | None, teacher_strides: tuple[int, ...]) -> list[int]:
+    """Strides (px) to keep from ``--levels`` like "2,3,4,5" (default: all of the teacher's)."""
+    if levels is None:
+        return list(teacher_strides)
+    try:
+        strides = sorted(2 ** int(level) for level in str(levels).split(","))
+    except ValueError:
+        raise PkdError(f"--levels {levels!r} must be comma-separated level numbers like 2,3,4,5") from None
+    unknown = [s for s in strides if s not in teacher_strides]
+    if unknown:
+        have = ",".join(str(s.bit_length() - 1) for s in teacher_strides)
+        raise PkdError(f"--levels {levels}: the teacher has levels {have} only")
+    return strides
+
+
+class ExtractionItems(Dataset):
+    """``dataset[(image_index, view_index)]`` reduced to what extraction needs (image, ids, optional bytes)."""
+
+    def __init__(self, dataset: CocoDetection, with_images: bool) -> None:
+        self.dataset, self.with_images = dataset, with_images
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        item = self.dataset[key]
+        if self.with_images:
+            target = {"boxes": item["target"]["boxes"].tolist(), "labels": item["target"]["labels"].tolist()}
+            item["extras"] = {"jpg": self.dataset.image_file(item["image_id"]).read_bytes(),
+                              "target.json": json.dumps(target).encode()}
+        return item
+
+
+def readable_images(dataset: CocoDetection, workers: int) -> tuple[list[int], list[dict]]:
+    """Decode every image once (``--on-error skip``): (ids that decode, [{"image_id", "reason"}] that don't)."""
+    class Probe(Dataset):
+        def __len__(self) -> int:
+            return len(dataset)
+
+        def __getitem__(self, index: int):
+            image_id = dataset.image_ids[index]
+            try:
+                read_image(dataset.image_file(image_id))
+                return image_id, None
+            except PkdError as error:
+                return image_id, str(error)
+
+    good, skipped = [], []
+    for image_id, reason in DataLoader(Probe(), batch_size=None, num_workers=workers):
+        (skipped.append({"image_id": image_id, "reason": reason}) if reason else good.append(image_id))
+    return good, skipped
+
+
+def level_specs(dataset: CocoDetection, views: list[View], strides: list[int], channels: int) -> list[LevelSpec]:
+    """Per stride, the largest map (h, w) any (image, view) gives: the zarr arrays' shape."""
+    largest = (0, 0)
+    for image_id in dataset.image_ids:
+        for view in views:
+            hw = padded_size(*resized_size(*dataset.original_hw(image_id), view), view.size_divisor)
+            largest = (max(largest[0], hw[0]), max(largest[1], hw[1]))
+    return [LevelSpec(s, channels, *level_size(largest, s)) for s in strides]
+
+
+def shard_batches(manifest: Manifest, shards: list[int], dataset: CocoDetection, views: list[View],
+                  batch_size: int) -> list[list[tuple[int, int]]]:
+    """Batches of (image_index, view_index) keys: shard by shard, each batch one padded size."""
+    batches = []
+    for k in shards:
+        groups: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
+        for index in manifest.shard_range(k):
+            image_index, view_index = divmod(index, manifest.n_views)
+            view = views[view_index]
+            hw = resized_size(*dataset.original_hw(dataset.image_ids[image_index]), view)
+            groups[padded_size(*hw, view.size_divisor)].append((image_index, view_index))
+        for keys in groups.values():
+            batches.extend(keys[i : i + batch_size] for i in range(0, len(keys), batch_size))
+    return batches
+
+
+class ShardWriterThread(threading.Thread):
+    """Collects samples from a bounded queue and writes each shard once all its samples arrived,
+    so encoding and writing overlap the next teacher forward."""
+
+    def __init__(self, writer, manifest: Manifest, maxsize: int = 64) -> None:
+        super().__init__(daemon=True)
+        self.writer, self.manifest = writer, manifest
+        self.inbox: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.pending: dict[int, dict[int, Sample]] = defaultdict(dict)
+        self.error: BaseException | None = None
+        self.written = 0
+
+    def run(self) -> None:
+        while (sample := self.inbox.get()) is not None:
+            if self.error is not None:
+                continue
+            try:
+                k = sample.index // self.manifest.samples_per_shard
+                self.pending[k][sample.index] = sample
+                expected = self.manifest.shard_range(k)
+                if len(self.pending[k]) == len(expected):
+                    samples = self.pending.pop(k)
+                    self.writer.write_shard(k, [samples[i] for i in expected])
+                    self.written += 1
+            except BaseException as error:  # surfaced in the main thread
+                self.error = error
+
+    def put(self, sample: Sample) -> None:
+        if self.error is not None:
+            raise self.error
+        self.inbox.put(sample)
+
+    def close(self) -> None:
+        self.inbox.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def extract(cfg: ExtractConfig) -> Path:
+    """Extract the teacher's FPN features of ``cfg.split`` into the store at ``cfg.out``; returns its path."""
+    device = resolve_device(cfg.device)
+    if cfg.on_error not in ("stop", "skip"):
+        raise PkdError(f"--on-error must be stop or skip, got {cfg.on_error!r}")
+    store_format = detect_format(str(cfg.out), cfg.store_format)
+    views = make_views(cfg.views, cfg.short_side, cfg.max_size, cfg.size_divisor)
+    dataset = CocoDetection(cfg.data, cfg.split, views)
+    teacher, identity = load_teacher(cfg.teacher, checkpoint=cfg.checkpoint, random_init=cfg.random_init,
+                                     variant=cfg.variant, num_classes=dataset.num_classes, seed=cfg.seed)
+    teacher.to(device)
+    strides = parse_levels(cfg.levels, teacher.strides)
+    skipped: list[dict] = []
+    if cfg.on_error == "skip":
+        good, skipped = readable_images(dataset, cfg.workers)
+        dataset.image_ids = good
+    manifest = Manifest(
+        format=store_format, teacher=identity, normalization=teacher.transform.normalization(),
+        levels=level_specs(dataset, views, strides, teacher.channels), codec=cfg.codec,
+        views=[v.to_dict() for v in views],
+        dataset={"annotation_sha256": file_sha256(dataset.annotation_file), "split": cfg.split,
+                 "annotation_file": dataset.annotation_file.name, "image_ids": dataset.image_ids},
+        samples_per_shard=cfg.samples_per_shard, skipped=skipped)
+    writer = create_store(str(cfg.out), manifest, overwrite=bool(cfg.overwrite))
+    todo = [k for k in range(manifest.n_shards) if k not in writer.completed_shards()]
+    batches = shard_batches(manifest, todo, dataset, views, cfg.batch_size)
+    loader = DataLoader(ExtractionItems(dataset, cfg.with_images), batch_sampler=batches,
+                        collate_fn=lambda items: items, num_workers=cfg.workers)
+    todo_samples = sum(len(manifest.shard_range(k)) for k in todo)
+    writer_thread = ShardWriterThread(writer, manifest)
+    writer_thread.start()
+    bar = tqdm(total=todo_samples, desc=f"extract {cfg.teacher}", unit="img", disable=not cfg.progress)
+    try:
+        for batch in loader:
+            for sample in run_teacher(teacher, batch, strides, device, manifest.n_views):
+                writer_thread.put(sample)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        writer_thread.close()
+    writer.finalize()
+    return Path(cfg.out)
+
+
+@torch.inference_mode()
+def run_teacher(teacher, batch: list[dict], strides: list[int], device: torch.device, n_views: int) -> list[Sample]:
+    """Teacher FPN maps of one same-size batch, as float32 numpy Samples (C, h/stride, w/stride) per level."""
+    images = [item["image"].to(device, non_blocking=True) for item in batch]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        features, _ = teacher.features(images)
+    maps = {s: features[s].float().cpu().numpy() for s in strides}
+    samples = []
+    for i, item in enumerate(batch):
+        per_level = {s: np.ascontiguousarray(maps[s][i]) for s in strides}
+        for s, values in per_level.items():
+            if not np.isfinite(values).all():
+                raise PkdError(f"teacher features of image {item['image_id']} (view {item['view_index']}, stride {s}) "
+                               f"hold NaN or Inf: nothing was written for it; check the checkpoint and the image")
+        samples.append(Sample(index=item["image_index"] * n_views + item["view_index"], image_id=item["image_id"],
+                              view_index=item["view_index"], image_hw=tuple(item["image_hw"]), features=per_level,
+                              extras=item.get("extras", {})))
+    return samples

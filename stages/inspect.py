@@ -1,0 +1,28 @@
+"""``pkd-offline inspect``: a store's manifest, sizes per level and content digest."""
+
+from __future__ import annotations
+
+import json
+
+from storage import describe, open_store
+
+
+def inspect_store(path: str, *, as_json: bool = False) -> str:
+    """The store's summary as JSON (``samples``, ``digest``, sizes) or as a short human-readable table."""
+    reader = open_store(path)
+    summary = describe(reader)
+    manifest = reader.manifest
+    if as_json:
+        return json.dumps({**summary, "teacher": manifest.teacher, "views": manifest.views,
+                           "dataset": {k: v for k, v in manifest.dataset.items() if k != "image_ids"}})
+    lines = [f"store      {path} ({summary['format']}, codec {summary['codec']})",
+             f"teacher    {manifest.teacher}",
+             f"samples    {summary['samples']} in {summary['shards']} shards "
+             f"({len(manifest.image_ids)} images x {manifest.n_views} views, {len(manifest.skipped)} skipped)",
+             f"size       {summary['bytes_total'] / 1e6:.2f} MB, {summary['bytes_per_image'] / 1e3:.1f} kB per sample",
+             "level  stride  channels  kB/sample  x smaller than fp32"]
+    for stride, level in sorted(summary["levels"].items(), key=lambda kv: int(kv[0])):
+        lines.append(f"P{int(stride).bit_length() - 1:<5} {int(stride):<7} {level['channels']:<9} "
+                     f"{level['bytes_per_image'] / 1e3:<10.1f} {level['compression_ratio_vs_fp32']:.2f}")
+    lines.append(f"digest     {summary['digest']}")
+    return "\n".join(lines)

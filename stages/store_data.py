@@ -1,0 +1,82 @@
+"""Joining training data with a feature store, and the checks that the store fits the run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from pkd_offline.data import CocoDetection, file_sha256
+from pkd_offline.errors import PkdError
+from pkd_offline.models import FeatureDetector
+from pkd_offline.views import View
+from storage import open_store
+from storage.base import StoreReader
+
+
+def store_views(path: Path) -> list[View]:
+    """The views a store was extracted with: training replays exactly these."""
+    return [View.from_dict(view) for view in open_store(str(path)).manifest.views]
+
+
+def check_store_fits(path: Path, dataset: CocoDetection, student: FeatureDetector) -> StoreReader:
+    """Open the store and refuse it, naming what differs, unless it was made from this data for this student.
+
+    Checked: annotation file hash, split, image ids (less the images the store skipped, which are
+    dropped from ``dataset``), input normalisation, and channel counts. Level pairing is checked by
+    ``pair_levels`` against the manifest's strides.
+    """
+    store = open_store(str(path))
+    manifest = store.manifest
+    problems = []
+    annotation_sha = file_sha256(dataset.annotation_file)
+    if manifest.dataset.get("annotation_sha256") != annotation_sha:
+        problems.append(f"annotation file {dataset.annotation_file} (sha256 {annotation_sha[:12]}...) is not the one the "
+                        f"store was extracted from (sha256 {str(manifest.dataset.get('annotation_sha256'))[:12]}...)")
+    if manifest.dataset.get("split") != dataset.split:
+        problems.append(f"split {dataset.split!r} vs the store's {manifest.dataset.get('split')!r}")
+    skipped = {entry["image_id"] for entry in manifest.skipped}
+    wanted = [i for i in dataset.image_ids if i not in skipped]
+    if manifest.image_ids != wanted:
+        missing = sorted(set(wanted) - set(manifest.image_ids))
+        problems.append(f"image ids differ ({len(manifest.image_ids)} in the store, {len(wanted)} in the data; "
+                        f"missing e.g. {missing[:5]})")
+    normalization = student.transform.normalization()
+    if manifest.normalization != normalization:
+        problems.append(f"input normalisation {manifest.normalization} vs the student's {normalization}")
+    channels = {level.channels for level in manifest.levels}
+    if channels != {student.channels}:
+        problems.append(f"teacher maps have {sorted(channels)} channels, the student's FPN {student.channels} "
+                        f"(use the teacher's --variant)")
+    if problems:
+        raise PkdError(f"feature store {path} does not fit this run: {'; '.join(problems)}")
+    dataset.image_ids = wanted
+    return store
+
+
+class StoreJoinedDataset(Dataset):
+    """``dataset[(image_index, view_index)]`` plus ``teacher_features`` {stride: float32 (C, h, w)} from the store.
+
+    The store is opened lazily in each DataLoader worker. The replayed view must give the image
+    size the store recorded, or the join is refused (the data changed under the store).
+    """
+
+    def __init__(self, dataset: CocoDetection, store_path: Path) -> None:
+        self.dataset = dataset
+        self.store_path = Path(store_path)
+        self._store: StoreReader | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        if self._store is None:
+            self._store = open_store(str(self.store_path))
+        item = self.dataset[key]
+        sample = self._store.read(self._store.index_of(item["image_id"], item["view_index"]))
+        if tuple(sample.image_hw) != tuple(item["image_hw"]):
+            raise PkdError(f"image {item['image_id']} view {item['view_index']} replays to {tuple(item['image_hw'])} px "
+                           f"but the store recorded {tuple(sample.image_hw)}: re-extract the store")
+        item["teacher_features"] = {s: torch.from_numpy(values) for s, values in sample.features.items()}
+        return item

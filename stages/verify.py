@@ -1,0 +1,86 @@
+"""``pkd-offline verify``: check every shard's sha256, then recompute samples with the teacher and compare."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pkd_offline.data import CocoDetection
+from pkd_offline.errors import PkdError
+from pkd_offline.views import View
+from stages.teachers import load_teacher
+from stages.train import resolve_device
+from storage import StoreError, open_store
+
+# Lowest Pearson r (stored vs recomputed, per level) each codec must reach.
+MIN_PEARSON_R = {"fp32": 0.99999, "fp16": 0.9999, "int8": 0.999}
+
+
+@dataclass
+class VerifyConfig:
+    store: Path = Path("features/train.zarr")
+    data: Path = Path("data/synth")
+    checkpoint: Path | None = None
+    samples: int = 4
+    device: str = "cpu"
+    seed: int = 0
+    progress: bool = True
+
+
+def pearson_r(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    a, b = a - a.mean(), b - b.mean()
+    denominator = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denominator) if denominator > 0 else float(np.array_equal(a, b))
+
+
+def verify(cfg: VerifyConfig) -> dict:
+    """Returns {"ok", "shard_problems", "levels": {stride: {"min_r", "max_abs_error"}}, "text"}."""
+    store = open_store(str(cfg.store))
+    manifest = store.manifest
+    problems = store.verify_shards()
+    identity = manifest.teacher
+    if "checkpoint_sha256" in identity and cfg.checkpoint is None:
+        raise PkdError(f"store {cfg.store} was made from a teacher checkpoint: pass --checkpoint FILE to verify it")
+    device = resolve_device(cfg.device)
+    views = [View.from_dict(v) for v in manifest.views]
+    dataset = CocoDetection(cfg.data, manifest.dataset["split"], views)
+    teacher, recomputed_identity = load_teacher(
+        identity["name"], checkpoint=cfg.checkpoint, random_init="random_init_seed" in identity,
+        variant=identity["variant"], num_classes=dataset.num_classes, seed=identity.get("random_init_seed", 0))
+    if recomputed_identity != identity:
+        raise PkdError(f"the teacher given ({recomputed_identity}) is not the store's ({identity})")
+    teacher.to(device)
+    dataset.image_ids = manifest.image_ids
+    indices = random.Random(cfg.seed).sample(range(len(store)), min(cfg.samples, len(store)))
+    levels: dict[int, dict[str, float]] = {s: {"min_r": 1.0, "max_abs_error": 0.0} for s in manifest.strides}
+    for index in sorted(indices):
+        try:
+            stored = store.read(index)
+        except StoreError as error:
+            problems.append(f"sample {index}: {error}")
+            continue
+        item = dataset[divmod(index, manifest.n_views)]
+        with torch.inference_mode():
+            features, _ = teacher.features([item["image"].to(device)])
+        for stride in manifest.strides:
+            fresh = features[stride][0].float().cpu().numpy()
+            kept = stored.features[stride]
+            if fresh.shape != kept.shape:
+                problems.append(f"sample {index} stride {stride}: stored shape {kept.shape} vs recomputed {fresh.shape}")
+                continue
+            levels[stride]["min_r"] = min(levels[stride]["min_r"], pearson_r(kept, fresh))
+            levels[stride]["max_abs_error"] = max(levels[stride]["max_abs_error"], float(np.abs(kept - fresh).max()))
+    threshold = MIN_PEARSON_R.get(manifest.codec, 0.999)
+    low = [s for s, level in levels.items() if level["min_r"] < threshold]
+    ok = not problems and not low
+    lines = [f"shards     {manifest.n_shards} checked, {len(problems)} problems"] + [f"  {p}" for p in problems]
+    lines.append(f"samples    {len(indices)} recomputed with the teacher (codec {manifest.codec}, needs r >= {threshold})")
+    lines += [f"  stride {s:<4} r {v['min_r']:.6f}  max |error| {v['max_abs_error']:.3g}" for s, v in levels.items()]
+    lines.append("OK" if ok else "FAILED: " + "; ".join(problems[:3] + [f"stride {s} r below {threshold}" for s in low]))
+    return {"ok": ok, "shard_problems": problems, "levels": {str(s): v for s, v in levels.items()},
+            "threshold": threshold, "text": "\n".join(lines)}

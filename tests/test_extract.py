@@ -1,0 +1,134 @@
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pkd_offline.checkpoint import save_checkpoint
+from pkd_offline.data import CocoDetection
+from pkd_offline.errors import PkdError
+from pkd_offline.views import View, make_views
+from stages.extract import ExtractConfig, extract
+from stages.teachers import load_teacher
+from stages.verify import VerifyConfig, verify
+from storage import CODECS, StoreError, describe, open_store
+
+
+def config(data: Path, out: Path, **overrides) -> ExtractConfig:
+    settings = dict(teacher="swin", random_init=True, variant="tiny", data=data, split="train", out=out,
+                    views=2, short_side=128, max_size=128, batch_size=4, workers=0, samples_per_shard=4,
+                    progress=False)
+    return ExtractConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def teacher(synth_data):
+    model, _ = load_teacher("swin", checkpoint=None, random_init=True, variant="tiny", num_classes=7, seed=0)
+    return model
+
+
+@pytest.mark.parametrize("store_name,codec", [("f.zarr", "fp16"), ("f.zarr", "int8"), ("wds", "fp16"), ("wds", "int8")])
+def test_round_trip_matches_teacher_within_codec_bound(synth_data, tmp_path, teacher, store_name, codec):
+    path = extract(config(synth_data, tmp_path / store_name, codec=codec))
+    store = open_store(str(path))
+    assert len(store) == 8 * 2 and store.manifest.format == ("zarr" if store_name.endswith(".zarr") else "wds")
+    views = make_views(2, 128, 128)
+    dataset = CocoDetection(synth_data, "train", views)
+    heights = set()
+    for index in (0, 3, 6, 13):
+        sample = store.read(index)
+        item = dataset[divmod(index, 2)]
+        heights.add(item["image_hw"][0])
+        assert sample.image_hw == item["image_hw"] and sample.view_index == index % 2
+        with torch.inference_mode():
+            fresh, _ = teacher.features([item["image"]])
+        for stride, stored in sample.features.items():
+            expected = fresh[stride][0].numpy()
+            assert stored.shape == expected.shape
+            assert np.abs(stored - expected).max() <= CODECS[codec].error_bound(expected) + 1e-5
+            assert np.corrcoef(stored.ravel(), expected.ravel())[0, 1] > 0.999
+    assert heights == {96, 128}, "ragged image sizes must be covered"
+
+
+def test_levels_flag_keeps_only_those_strides_and_manifest_names_them(synth_data, tmp_path):
+    store = open_store(str(extract(config(synth_data, tmp_path / "f.zarr", levels="3,4", views=1))))
+    manifest = store.manifest
+    assert [(level.stride, level.channels) for level in manifest.levels] == [(8, 64), (16, 64)]
+    assert manifest.teacher == {"name": "swin", "variant": "tiny", "random_init_seed": 0}
+    assert manifest.dataset["split"] == "train" and len(manifest.dataset["annotation_sha256"]) == 64
+    assert manifest.views == [View(128, 128).to_dict()]
+    assert manifest.normalization["mean"] == pytest.approx([0.485, 0.456, 0.406])
+
+
+@pytest.mark.parametrize("store_name", ["f.zarr", "wds"])
+def test_resumed_extraction_equals_uninterrupted(synth_data, tmp_path, store_name):
+    full = extract(config(synth_data, tmp_path / "full" / store_name))
+    expected = describe(open_store(str(full)))["digest"]
+    # The state a kill leaves: two shards finished, one half written, the manifest unfinished.
+    killed = tmp_path / "killed" / store_name
+    shutil.copytree(full, killed)
+    manifest = json.loads((killed / "manifest.json").read_text())
+    manifest["shards"] = []
+    (killed / "manifest.json").write_text(json.dumps(manifest))
+    for k in (2, 3):
+        (killed / "shards" / f"{k:06d}.json").unlink()
+    shard_files = sorted(p for p in killed.rglob("*") if p.is_file() and "shards" not in p.parts and p.name != "manifest.json")
+    untouched = {p: p.stat().st_mtime_ns for p in shard_files}
+    with pytest.raises(StoreError, match="unfinished"):
+        open_store(str(killed))
+    extract(config(synth_data, killed))
+    assert describe(open_store(str(killed)))["digest"] == expected
+    rewritten = [p for p, mtime in untouched.items() if p.exists() and p.stat().st_mtime_ns != mtime]
+    assert rewritten, "the unfinished shards must be written again"
+    assert len(rewritten) < len(untouched), "finished shards must not be redone"
+
+
+def test_store_of_another_teacher_is_refused_without_overwrite(synth_data, tmp_path):
+    out = tmp_path / "f.zarr"
+    extract(config(synth_data, out, views=1))
+    with pytest.raises(StoreError, match="overwrite"):
+        extract(config(synth_data, out, views=1, seed=1))
+    extract(config(synth_data, out, views=1, seed=1, overwrite=True))
+    assert open_store(str(out)).manifest.teacher["random_init_seed"] == 1
+
+
+def test_corrupt_image_is_named_or_skipped_and_counted(synth_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synth_data, data)
+    dataset = CocoDetection(data, "train", [View(128, 128)])
+    bad = dataset.image_file(dataset.image_ids[2])
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(PkdError, match=bad.name):
+        extract(config(data, tmp_path / "stop.zarr", views=1))
+    store = open_store(str(extract(config(data, tmp_path / "skip.zarr", views=1, on_error="skip"))))
+    assert [entry["image_id"] for entry in store.manifest.skipped] == [dataset.image_ids[2]]
+    assert len(store) == 7
+
+
+def test_nan_features_are_refused_with_the_image_named(synth_data, tmp_path):
+    model, _ = load_teacher("swin", checkpoint=None, random_init=True, variant="tiny", num_classes=7)
+    state = model.state_dict()
+    state["detector.backbone.fpn.layer_blocks.0.0.bias"][0] = float("nan")
+    save_checkpoint(tmp_path / "nan.pt", {"spec": model.spec, "model": state})
+    with pytest.raises(PkdError, match=r"image \d+ .*NaN"):
+        extract(config(synth_data, tmp_path / "f.zarr", random_init=False, checkpoint=tmp_path / "nan.pt"))
+    with pytest.raises(StoreError, match="unfinished"):
+        open_store(str(tmp_path / "f.zarr"))
+
+
+@pytest.mark.parametrize("store_name,codec", [("f.zarr", "fp16"), ("wds", "int8")])
+def test_verify_passes_on_fresh_stores_and_fails_on_a_damaged_one(synth_data, tmp_path, store_name, codec):
+    path = extract(config(synth_data, tmp_path / store_name, codec=codec))
+    report = verify(VerifyConfig(store=path, data=synth_data, samples=3))
+    assert report["ok"], report["text"]
+    assert all(level["min_r"] >= report["threshold"] for level in report["levels"].values())
+    victim = max((p for p in path.rglob("*") if p.is_file() and "shards" not in p.parts and p.name != "manifest.json"),
+                 key=lambda p: p.stat().st_size)
+    content = bytearray(victim.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    victim.write_bytes(bytes(content))
+    assert open_store(str(path)).verify_shards(), "a flipped byte must be found"
+    damaged = verify(VerifyConfig(store=path, data=synth_data, samples=16))
+    assert not damaged["ok"] and "shard" in damaged["text"]
