@@ -86,6 +86,9 @@ def train_steps(model: FeatureDetector, loader, sampler, optimizer: torch.optim.
                 on_step: Callable[[LoopState], None] = lambda state: None, progress: bool = True) -> LoopState:
     """Run SGD steps until ``state.iteration == total_iters``, appending one JSON line per step to ``log_path``.
 
+    ``sampler`` orders each epoch: a ``ViewSampler`` (map-style data) or a streaming dataset; both
+    have ``set_epoch``. A resumed state starts mid-epoch where it stopped.
+
     Each line holds iter, epoch, lr, loss, loss_det, loss_pkd, every detection loss term, sec (the
     whole step, data loading included) and data_sec. ``on_step`` runs after each step (checkpoints,
     evaluation). A non-finite loss stops with a PkdError naming the step and the batch's image ids.
@@ -95,9 +98,15 @@ def train_steps(model: FeatureDetector, loader, sampler, optimizer: torch.optim.
     with open(log_path, "a") as log:
         while state.iteration < total_iters:
             sampler.set_epoch(state.epoch)
-            sampler.skip = state.step_in_epoch * loader.batch_size
+            batches = iter(loader) if not hasattr(sampler, "skip") else None
+            if batches is None:  # a sampler skips the keys a resumed run already saw
+                sampler.skip = state.step_in_epoch * loader.batch_size
+                batches = iter(loader)
+            else:  # a stream replays its epoch and drops the batches already seen
+                for _ in range(state.step_in_epoch):
+                    next(batches, None)
             tick = time.perf_counter()
-            for batch in loader:
+            for batch in batches:
                 data_sec = time.perf_counter() - tick
                 model.train()
                 images = [item["image"].to(device, non_blocking=True) for item in batch]

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from pkd_offline.data import CocoDetection, file_sha256
+from pkd_offline.data import CocoDetection, ViewSampler, file_sha256
 from pkd_offline.errors import PkdError
 from pkd_offline.models import FeatureDetector
 from pkd_offline.views import View
-from storage import open_store
+from storage import Sample, open_store
 from storage.base import StoreReader
 
 
@@ -55,11 +56,23 @@ def check_store_fits(path: Path, dataset: CocoDetection, student: FeatureDetecto
     return store
 
 
+def join_features(item: dict, sample: Sample) -> dict:
+    """Add the stored ``teacher_features`` {stride: float32 (C, h, w)} to a data item of the same image and view.
+
+    The replayed view must give the image size the store recorded, or the join is refused (the
+    data changed under the store).
+    """
+    if tuple(sample.image_hw) != tuple(item["image_hw"]):
+        raise PkdError(f"image {item['image_id']} view {item['view_index']} replays to {tuple(item['image_hw'])} px "
+                       f"but the store recorded {tuple(sample.image_hw)}: re-extract the store")
+    item["teacher_features"] = {s: torch.from_numpy(values) for s, values in sample.features.items()}
+    return item
+
+
 class StoreJoinedDataset(Dataset):
     """``dataset[(image_index, view_index)]`` plus ``teacher_features`` {stride: float32 (C, h, w)} from the store.
 
-    The store is opened lazily in each DataLoader worker. The replayed view must give the image
-    size the store recorded, or the join is refused (the data changed under the store).
+    The store is opened lazily in each DataLoader worker (random access: the zarr way).
     """
 
     def __init__(self, dataset: CocoDetection, store_path: Path) -> None:
@@ -74,9 +87,52 @@ class StoreJoinedDataset(Dataset):
         if self._store is None:
             self._store = open_store(str(self.store_path))
         item = self.dataset[key]
-        sample = self._store.read(self._store.index_of(item["image_id"], item["view_index"]))
-        if tuple(sample.image_hw) != tuple(item["image_hw"]):
-            raise PkdError(f"image {item['image_id']} view {item['view_index']} replays to {tuple(item['image_hw'])} px "
-                           f"but the store recorded {tuple(sample.image_hw)}: re-extract the store")
-        item["teacher_features"] = {s: torch.from_numpy(values) for s, values in sample.features.items()}
-        return item
+        return join_features(item, self._store.read(self._store.index_of(item["image_id"], item["view_index"])))
+
+
+class StoreStream(IterableDataset):
+    """Streams a store shard by shard (the WebDataset way): each DataLoader worker, and each rank,
+    reads a disjoint set of shards sequentially and keeps, per image, only the view chosen for the
+    epoch (the same choice :class:`ViewSampler` makes), joined with its image and target.
+
+    A shuffle buffer of ``shuffle_buffer`` samples mixes the order (seeded by seed, epoch, worker).
+    One epoch yields every image once. ``set_epoch`` works as on a sampler.
+    """
+
+    def __init__(self, dataset: CocoDetection, store_path: Path, *, seed: int = 0, shuffle_buffer: int = 256,
+                 rank: int = 0, num_replicas: int = 1) -> None:
+        self.dataset, self.store_path = dataset, Path(store_path)
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.rank, self.num_replicas = rank, num_replicas
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def _my_shards(self, n_shards: int) -> list[int]:
+        info = get_worker_info()
+        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        slot, slots = self.rank * workers + worker, self.num_replicas * workers
+        return list(range(slot, n_shards, slots))
+
+    def __iter__(self):
+        store = open_store(str(self.store_path))
+        sampler = ViewSampler(len(self.dataset), store.manifest.n_views, seed=self.seed)
+        sampler.set_epoch(self.epoch)
+        chosen = dict(sampler.keys())
+        image_index = {image_id: i for i, image_id in enumerate(self.dataset.image_ids)}
+        info = get_worker_info()
+        generator = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{0 if info is None else info.id}")
+        buffer: list[dict] = []
+        for sample in store.iter_samples(self._my_shards(store.manifest.n_shards)):
+            index = image_index.get(sample.image_id)
+            if index is None or chosen[index] != sample.view_index:
+                continue
+            buffer.append(join_features(self.dataset[(index, sample.view_index)], sample))
+            if len(buffer) >= self.shuffle_buffer:
+                yield buffer.pop(generator.randrange(len(buffer)))
+        generator.shuffle(buffer)
+        yield from buffer

@@ -82,11 +82,13 @@ def setup_distillation(cfg: TrainConfig, dataset: CocoDetection, model, device: 
     if cfg.features is not None and cfg.teacher is not None:
         raise PkdError("pass either --features STORE (offline) or --teacher NAME (online), not both")
     if cfg.features is not None:
-        from stages.store_data import StoreJoinedDataset, check_store_fits
+        from stages.store_data import StoreJoinedDataset, StoreStream, check_store_fits
 
         store = check_store_fits(cfg.features, dataset, model)
         teacher_strides = [level.stride for level in store.manifest.levels]
         pairs = pair_levels(list(model.strides), teacher_strides, cfg.level_map)[: cfg.max_pairs]
+        if store.manifest.format == "wds":
+            return StoreStream(dataset, cfg.features, seed=cfg.seed), Distillation(pairs, cfg.alpha)
         return StoreJoinedDataset(dataset, cfg.features), Distillation(pairs, cfg.alpha)
     if cfg.teacher is not None:
         teacher, _ = load_teacher(cfg.teacher, checkpoint=cfg.teacher_checkpoint, random_init=cfg.random_init,
@@ -115,8 +117,9 @@ def train(cfg: TrainConfig) -> Path:
     model = build_detector(cfg.student, num_classes=dataset.num_classes, variant=cfg.variant, backbone=cfg.backbone)
     train_set, distill = setup_distillation(cfg, dataset, model, device)
     model.to(device)
-    sampler = ViewSampler(len(dataset), len(views), seed=cfg.seed)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
+    streaming = isinstance(train_set, torch.utils.data.IterableDataset)
+    sampler = train_set if streaming else ViewSampler(len(dataset), len(views), seed=cfg.seed)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=None if streaming else sampler, collate_fn=collate,
                         num_workers=cfg.workers, persistent_workers=False, drop_last=False,
                         generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG to the model
     steps_per_epoch = -(-len(dataset) // cfg.batch_size)

@@ -115,3 +115,27 @@ def test_resume_continues_where_it_stopped(synth_data, tmp_path):
     first = load_checkpoint(tmp_path / "straight" / "model.pt")["model"]
     second = load_checkpoint(tmp_path / "resumed" / "model.pt")["model"]
     assert all(torch.allclose(first[k].float(), second[k].float(), atol=1e-6) for k in first)
+
+
+def test_webdataset_stream_yields_each_image_once_per_epoch_and_trains(synth_data, tmp_path):
+    from stages.store_data import StoreStream
+
+    store = extract(ExtractConfig(teacher="swin", random_init=True, variant="tiny", data=synth_data,
+                                  out=tmp_path / "wds", views=2, short_side=128, max_size=128, batch_size=4,
+                                  workers=0, samples_per_shard=3, progress=False))
+    dataset = CocoDetection(synth_data, "train", store_views(store))
+    stream = StoreStream(dataset, store, seed=1, shuffle_buffer=4)
+    orders = []
+    for epoch in (0, 1):
+        stream.set_epoch(epoch)
+        items = list(stream)
+        assert sorted(item["image_id"] for item in items) == dataset.image_ids
+        orders.append([(item["image_id"], item["view_index"]) for item in items])
+    assert orders[0] != orders[1]
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
+    assert sorted(item["image_id"] for item in loader) == dataset.image_ids, "workers read disjoint shards"
+    cfg = TrainConfig(student="retinanet", backbone="resnet18", data=synth_data, out=tmp_path / "run", iters=3,
+                      features=store, **SMALL)
+    train(cfg)
+    log = [json.loads(line) for line in (cfg.out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and all(r["loss_pkd"] > 0 for r in log)
