@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pkd_offline.data import CocoDetection, ViewSampler, collate
+from pkd_offline.distributed import Ranks
 from pkd_offline.views import boxes_to_original
 
 STAT_NAMES = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
@@ -17,10 +18,12 @@ STAT_NAMES = ("mAP", "AP50", "AP75", "APs", "APm", "APl")
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, dataset: CocoDetection, device: torch.device, *, batch_size: int = 8,
-            workers: int = 0, progress: bool = True) -> list[dict]:
-    """COCO result dicts (image_id, category_id, bbox xywh in original px, score) for every image."""
+            workers: int = 0, progress: bool = True, ranks: Ranks = Ranks()) -> list[dict]:
+    """COCO result dicts (image_id, category_id, bbox xywh in original px, score) for every image
+    (under torchrun: for this rank's share; ``gather_lists`` joins them)."""
     model.eval()
-    sampler = ViewSampler(len(dataset), len(dataset.views), shuffle=False, random_views=False)
+    sampler = ViewSampler(len(dataset), len(dataset.views), shuffle=False, random_views=False, rank=ranks.rank,
+                          num_replicas=ranks.world_size)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=workers,
                         generator=torch.Generator())  # an own generator keeps the global RNG of a training run intact
     results = []

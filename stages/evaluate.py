@@ -8,10 +8,10 @@ from pathlib import Path
 
 from pkd_offline.checkpoint import load_detector
 from pkd_offline.data import CocoDetection
+from pkd_offline.distributed import resolve_device
 from pkd_offline.errors import PkdError
 from pkd_offline.evaluate import coco_box_ap, predict
 from pkd_offline.views import View
-from stages.train import resolve_device
 
 
 @dataclass

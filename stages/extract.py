@@ -21,12 +21,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pkd_offline.data import CocoDetection, file_sha256, read_image
+from pkd_offline.data import CocoDetection, collate, file_sha256, read_image
+from pkd_offline.distributed import barrier, init_ranks, resolve_device
 from pkd_offline.errors import PkdError
 from pkd_offline.pyramid import level_size
 from pkd_offline.views import View, make_views, padded_size, resized_size
 from stages.teachers import load_teacher
-from stages.train import resolve_device
 from storage import LevelSpec, Manifest, Sample, create_store, detect_format
 
 
@@ -175,8 +175,13 @@ class ShardWriterThread(threading.Thread):
 
 
 def extract(cfg: ExtractConfig) -> Path:
-    """Extract the teacher's FPN features of ``cfg.split`` into the store at ``cfg.out``; returns its path."""
-    device = resolve_device(cfg.device)
+    """Extract the teacher's FPN features of ``cfg.split`` into the store at ``cfg.out``; returns its path.
+
+    Under torchrun each rank extracts the shards ``k % world_size == rank`` (never two writers on
+    one shard); rank 0 creates the store first and writes the final manifest after all ranks finish.
+    """
+    ranks = init_ranks(torch.device(cfg.device.split(":")[0]))
+    device = resolve_device(cfg.device, ranks)
     if cfg.on_error not in ("stop", "skip"):
         raise PkdError(f"--on-error must be stop or skip, got {cfg.on_error!r}")
     store_format = detect_format(str(cfg.out), cfg.store_format)
@@ -197,15 +202,21 @@ def extract(cfg: ExtractConfig) -> Path:
         dataset={"annotation_sha256": file_sha256(dataset.annotation_file), "split": cfg.split,
                  "annotation_file": dataset.annotation_file.name, "image_ids": dataset.image_ids},
         samples_per_shard=cfg.samples_per_shard, skipped=skipped)
-    writer = create_store(str(cfg.out), manifest, overwrite=bool(cfg.overwrite))
-    todo = [k for k in range(manifest.n_shards) if k not in writer.completed_shards()]
+    if ranks.is_main:
+        writer = create_store(str(cfg.out), manifest, overwrite=bool(cfg.overwrite))
+    barrier(ranks)
+    if not ranks.is_main:
+        writer = create_store(str(cfg.out), manifest)
+    done = writer.completed_shards()
+    todo = [k for k in range(ranks.rank, manifest.n_shards, ranks.world_size) if k not in done]
     batches = shard_batches(manifest, todo, dataset, views, cfg.batch_size)
     loader = DataLoader(ExtractionItems(dataset, cfg.with_images), batch_sampler=batches,
-                        collate_fn=lambda items: items, num_workers=cfg.workers)
+                        collate_fn=collate, num_workers=cfg.workers)
     todo_samples = sum(len(manifest.shard_range(k)) for k in todo)
     writer_thread = ShardWriterThread(writer, manifest)
     writer_thread.start()
-    bar = tqdm(total=todo_samples, desc=f"extract {cfg.teacher}", unit="img", disable=not cfg.progress)
+    bar = tqdm(total=todo_samples, desc=f"extract {cfg.teacher}", unit="img",
+               disable=not cfg.progress or not ranks.is_main)
     try:
         for batch in loader:
             for sample in run_teacher(teacher, batch, strides, device, manifest.n_views):
@@ -214,7 +225,10 @@ def extract(cfg: ExtractConfig) -> Path:
     finally:
         bar.close()
         writer_thread.close()
-    writer.finalize()
+    barrier(ranks)
+    if ranks.is_main:
+        writer.finalize()
+    barrier(ranks)
     return Path(cfg.out)
 
 

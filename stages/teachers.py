@@ -10,27 +10,38 @@ from pkd_offline.checkpoint import load_checkpoint, load_detector
 from pkd_offline.data import file_sha256
 from pkd_offline.errors import PkdError
 from pkd_offline.models import DETECTORS, FeatureDetector, build_detector
+from pkd_offline.models.foreign_weights import detect_format, load_foreign_teacher
 
 
 def load_teacher(name: str, *, checkpoint: Path | None, random_init: bool, variant: str, num_classes: int,
                  seed: int = 0) -> tuple[FeatureDetector, dict]:
     """The teacher in eval mode, frozen, and its identity for a store manifest.
 
-    Identity: {"name", "variant", "checkpoint_sha256" or "random_init_seed"}. A project checkpoint
-    (``pkd-offline train`` output) rebuilds its own architecture, which must be ``name``.
+    Identity: {"name", "variant", "checkpoint_sha256", "checkpoint_format"} (plus "checkpoint_unused",
+    head tensors counted by module, for foreign checkpoints) or {"name", "variant", "random_init_seed"}.
+    The checkpoint's format is recognised from its keys (``pkd_offline.models.foreign_weights``): a
+    project checkpoint rebuilds its own architecture, which must be ``name``; an MMDetection Swin or a
+    torchvision detection checkpoint is loaded into ``name``'s backbone+FPN. Either way the variant
+    comes from the checkpoint, not from ``variant``.
     """
     if name not in DETECTORS:
         raise PkdError(f"unknown teacher {name!r}: choose one of {', '.join(DETECTORS)}")
     if checkpoint is not None:
         content = load_checkpoint(checkpoint)
-        if "spec" in content:
+        checkpoint_format = detect_format(content, checkpoint)
+        unused: dict[str, int] = {}
+        if checkpoint_format == "pkd-offline":
             teacher, _ = load_detector(checkpoint)
             if teacher.spec["name"] != name:
                 raise PkdError(f"checkpoint {checkpoint} holds a {teacher.spec['name']!r} model, not {name!r}: "
                                f"pass --teacher {teacher.spec['name']}")
         else:
-            raise PkdError(f"checkpoint {checkpoint} is not a pkd-offline model checkpoint")
-        identity = {"name": name, "variant": teacher.spec["variant"], "checkpoint_sha256": file_sha256(checkpoint)}
+            teacher, unused = load_foreign_teacher(name, content, checkpoint_format, num_classes=num_classes,
+                                                   source=checkpoint)
+        identity = {"name": name, "variant": teacher.spec["variant"], "checkpoint_sha256": file_sha256(checkpoint),
+                    "checkpoint_format": checkpoint_format}
+        if unused:
+            identity["checkpoint_unused"] = unused
     elif random_init:
         torch.manual_seed(seed)
         teacher = build_detector(name, num_classes=num_classes, variant=variant)

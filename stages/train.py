@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from pkd_offline.checkpoint import load_checkpoint, save_checkpoint
 from pkd_offline.config import to_plain
 from pkd_offline.data import CocoDetection, ViewSampler, collate
+from pkd_offline.distributed import Ranks, barrier, gather_lists, init_ranks, resolve_device
 from pkd_offline.engine import Distillation, LoopState, lr_factor, train_steps
 from pkd_offline.errors import PkdError
 from pkd_offline.evaluate import coco_box_ap, predict
@@ -62,12 +65,6 @@ class TrainConfig:
     progress: bool = True
 
 
-def resolve_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PkdError("--device cuda asked for, but no CUDA GPU is visible: use --device cpu")
-    return torch.device(name)
-
-
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     parameters = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
@@ -77,7 +74,7 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     raise PkdError(f"unknown optimizer {cfg.optimizer!r}: choose sgd or adamw")
 
 
-def setup_distillation(cfg: TrainConfig, dataset: CocoDetection, model, device: torch.device):
+def setup_distillation(cfg: TrainConfig, dataset: CocoDetection, model, device: torch.device, ranks: Ranks):
     """The training dataset (joined with the store when offline) and the Distillation, or None for plain runs."""
     if cfg.features is not None and cfg.teacher is not None:
         raise PkdError("pass either --features STORE (offline) or --teacher NAME (online), not both")
@@ -88,7 +85,8 @@ def setup_distillation(cfg: TrainConfig, dataset: CocoDetection, model, device: 
         teacher_strides = [level.stride for level in store.manifest.levels]
         pairs = pair_levels(list(model.strides), teacher_strides, cfg.level_map)[: cfg.max_pairs]
         if store.manifest.format == "wds":
-            return StoreStream(dataset, cfg.features, seed=cfg.seed), Distillation(pairs, cfg.alpha)
+            stream = StoreStream(dataset, cfg.features, seed=cfg.seed, rank=ranks.rank, num_replicas=ranks.world_size)
+            return stream, Distillation(pairs, cfg.alpha)
         return StoreJoinedDataset(dataset, cfg.features), Distillation(pairs, cfg.alpha)
     if cfg.teacher is not None:
         teacher, _ = load_teacher(cfg.teacher, checkpoint=cfg.teacher_checkpoint, random_init=cfg.random_init,
@@ -102,8 +100,13 @@ def setup_distillation(cfg: TrainConfig, dataset: CocoDetection, model, device: 
 
 def train(cfg: TrainConfig) -> Path:
     """Train ``cfg.student`` on ``cfg.data``/``cfg.split``; writes ``out/model.pt``, ``out/log.jsonl``
-    (one line per step) and, with ``eval_every``, ``out/eval.jsonl``. Returns the model.pt path."""
-    device = resolve_device(cfg.device)
+    (one line per step) and, with ``eval_every``, ``out/eval.jsonl``. Returns the model.pt path.
+
+    Under torchrun: DistributedDataParallel, each rank a disjoint part of every epoch (the batch
+    size is per rank), logs and checkpoints from rank 0, evaluation split over ranks and gathered.
+    """
+    ranks = init_ranks(torch.device(cfg.device.split(":")[0]))
+    device = resolve_device(cfg.device, ranks)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -115,15 +118,19 @@ def train(cfg: TrainConfig) -> Path:
         views = store_views(cfg.features)
     dataset = CocoDetection(cfg.data, cfg.split, views, with_masks=cfg.student in USES_MASKS)
     model = build_detector(cfg.student, num_classes=dataset.num_classes, variant=cfg.variant, backbone=cfg.backbone)
-    train_set, distill = setup_distillation(cfg, dataset, model, device)
+    train_set, distill = setup_distillation(cfg, dataset, model, device, ranks)
     model.to(device)
     streaming = isinstance(train_set, torch.utils.data.IterableDataset)
-    sampler = train_set if streaming else ViewSampler(len(dataset), len(views), seed=cfg.seed)
+    sampler = train_set if streaming else ViewSampler(len(dataset), len(views), seed=cfg.seed, rank=ranks.rank,
+                                                      num_replicas=ranks.world_size)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=None if streaming else sampler, collate_fn=collate,
                         num_workers=cfg.workers, persistent_workers=False, drop_last=False,
                         generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG to the model
-    steps_per_epoch = -(-len(dataset) // cfg.batch_size)
+    steps_per_epoch = -(-len(sampler) // cfg.batch_size)
     total_iters = cfg.iters if cfg.iters is not None else cfg.epochs * steps_per_epoch
+    trained = model
+    if ranks.distributed:
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: lr_factor(i, total_iters, min(cfg.warmup_iters, total_iters // 4), cfg.schedule))
@@ -131,11 +138,13 @@ def train(cfg: TrainConfig) -> Path:
     last_path, log_path = out / "last.pt", out / "log.jsonl"
     if cfg.resume and last_path.exists():
         state = restore(last_path, model, optimizer, scheduler)
-        truncate_log(log_path, state.iteration)
-        truncate_log(out / "eval.jsonl", state.iteration)
-    elif not cfg.resume:
+        if ranks.is_main:
+            truncate_log(log_path, state.iteration)
+            truncate_log(out / "eval.jsonl", state.iteration)
+    elif not cfg.resume and ranks.is_main:
         for stale in (log_path, out / "eval.jsonl", last_path):
             stale.unlink(missing_ok=True)
+    barrier(ranks)
     val_set = None
     if cfg.eval_every and cfg.val_split:
         val_set = CocoDetection(cfg.data, cfg.val_split, views[:1])
@@ -144,30 +153,32 @@ def train(cfg: TrainConfig) -> Path:
         return {"spec": model.spec, "category_ids": dataset.category_ids, "views": [v.to_dict() for v in views],
                 "config": to_plain(cfg), "distill_pairs": [list(p) for p in distill.pairs] if distill else []}
 
-    def on_step(state: LoopState) -> None:
-        done = state.iteration >= total_iters
-        if val_set is not None and (state.iteration % cfg.eval_every == 0 or done):
-            stats = coco_box_ap(val_set, predict(model, val_set, device, progress=False))
-            with open(out / "eval.jsonl", "a") as handle:
-                handle.write(json.dumps({"iter": state.iteration, **stats}) + "\n")
-        if state.iteration % cfg.checkpoint_every == 0 or done:
-            save_checkpoint(last_path, checkpoint_content())
-
     def checkpoint_content() -> dict:
         return {**meta(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "iteration": state.iteration, "epoch": state.epoch,
                 "step_in_epoch": state.step_in_epoch, "torch_rng": torch.get_rng_state()}
 
+    def on_step(state: LoopState) -> None:
+        done = state.iteration >= total_iters
+        if val_set is not None and (state.iteration % cfg.eval_every == 0 or done):
+            results = gather_lists(predict(model, val_set, device, progress=False, ranks=ranks), ranks)
+            if ranks.is_main:
+                with open(out / "eval.jsonl", "a") as handle:
+                    handle.write(json.dumps({"iter": state.iteration, **coco_box_ap(val_set, results)}) + "\n")
+        if ranks.is_main and (state.iteration % cfg.checkpoint_every == 0 or done):
+            save_checkpoint(last_path, checkpoint_content())
+
     # --stop-after ends this session early (a time-limited job); --resume continues on the same schedule.
     stop_at = total_iters if cfg.stop_after is None else min(total_iters, state.iteration + cfg.stop_after)
-    train_steps(model, loader, sampler, optimizer, scheduler, state, stop_at, device=device, distill=distill,
-                size_divisor=cfg.size_divisor, log_path=log_path, on_step=on_step, progress=cfg.progress)
-    if state.iteration < total_iters:
-        save_checkpoint(last_path, checkpoint_content())
-        return last_path
-    model_path = out / "model.pt"
-    save_checkpoint(model_path, {**meta(), "model": model.state_dict()})
-    return model_path
+    train_steps(trained, loader, sampler, optimizer, scheduler, state, stop_at, device=device, distill=distill,
+                size_divisor=cfg.size_divisor, log_path=log_path if ranks.is_main else Path(os.devnull),
+                on_step=on_step, progress=cfg.progress and ranks.is_main)
+    finished = state.iteration >= total_iters
+    path = out / "model.pt" if finished else last_path
+    if ranks.is_main:
+        save_checkpoint(path, {**meta(), "model": model.state_dict()} if finished else checkpoint_content())
+    barrier(ranks)
+    return path
 
 
 def restore(path: Path, model, optimizer, scheduler) -> LoopState:

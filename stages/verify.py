@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from pkd_offline.data import CocoDetection
+from pkd_offline.distributed import resolve_device
 from pkd_offline.errors import PkdError
 from pkd_offline.views import View
 from stages.teachers import load_teacher
-from stages.train import resolve_device
 from storage import StoreError, open_store
 
 # Lowest Pearson r (stored vs recomputed, per level) each codec must reach.
