@@ -41,6 +41,7 @@ def load_detector(path: Path) -> tuple[FeatureDetector, dict]:
         raise PkdError(f"checkpoint {path} is not a pkd-offline model (no 'spec'/'model'); for other formats see the README")
     spec = dict(content["spec"])
     model = build_detector(spec["name"], num_classes=spec["num_classes"], variant=spec["variant"], backbone=spec.get("backbone"))
+    model.spec = spec
     missing, unexpected = model.load_state_dict(content["model"], strict=False)
     if missing or unexpected:
         raise PkdError(f"checkpoint {path} does not fit {spec['name']}: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(train, "train")
     train.add_argument("--student", help="any detector name (teachers too)")
     train.add_argument("--backbone")
+    train.add_argument("--backbone-weights", dest="backbone_weights", type=Path,
+                       help="ImageNet weights of the backbone (a torchvision classification state dict file)")
     train.add_argument("--variant", choices=("full", "tiny"))
     train.add_argument("--data", type=Path)
     train.add_argument("--split")

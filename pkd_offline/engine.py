@@ -80,6 +80,29 @@ class LoopState:
     step_in_epoch: int = 0
 
 
+def training_step(model: FeatureDetector, batch: list[dict], optimizer: torch.optim.Optimizer, *,
+                  device: torch.device, distill: Distillation | None, size_divisor: int) -> dict[str, float]:
+    """One optimiser step on ``batch`` (AMP bf16 on CUDA); returns loss, loss_det, loss_pkd and each
+    detection term as floats. Raises FloatingPointError, before any update, if the loss is not finite."""
+    model.train()
+    images = [item["image"].to(device, non_blocking=True) for item in batch]
+    targets = [{k: v.to(device) for k, v in item["target"].items()} for item in batch]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        losses, student_features = model(images, targets)
+        loss_det = sum(losses.values())
+        loss_pkd = (distillation_loss(student_features, batch, images, distill, size_divisor, device)
+                    if distill is not None else torch.zeros((), device=device))
+    loss = loss_det + loss_pkd
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+    optimizer.step()
+    return {"loss": loss.item(), "loss_det": loss_det.item(), "loss_pkd": loss_pkd.item(),
+            **{k: v.item() for k, v in losses.items()}}
+
+
 def train_steps(model: FeatureDetector, loader, sampler, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, state: LoopState, total_iters: int, *,
                 device: torch.device, distill: Distillation | None, size_divisor: int, log_path: Path,
@@ -93,7 +116,6 @@ def train_steps(model: FeatureDetector, loader, sampler, optimizer: torch.optim.
     whole step, data loading included) and data_sec. ``on_step`` runs after each step (checkpoints,
     evaluation). A non-finite loss stops with a PkdError naming the step and the batch's image ids.
     """
-    use_amp = device.type == "cuda"
     bar = tqdm(total=total_iters, initial=state.iteration, desc="train", unit="it", disable=not progress)
     with open(log_path, "a") as log:
         while state.iteration < total_iters:
@@ -108,30 +130,18 @@ def train_steps(model: FeatureDetector, loader, sampler, optimizer: torch.optim.
             tick = time.perf_counter()
             for batch in batches:
                 data_sec = time.perf_counter() - tick
-                model.train()
-                images = [item["image"].to(device, non_blocking=True) for item in batch]
-                targets = [{k: v.to(device) for k, v in item["target"].items()} for item in batch]
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    losses, student_features = model(images, targets)
-                    loss_det = sum(losses.values())
-                    loss_pkd = (distillation_loss(student_features, batch, images, distill, size_divisor, device)
-                                if distill is not None else torch.zeros((), device=device))
-                loss = loss_det + loss_pkd
-                if not torch.isfinite(loss):
+                try:
+                    terms = training_step(model, batch, optimizer, device=device, distill=distill,
+                                          size_divisor=size_divisor)
+                except FloatingPointError:
                     ids = [item["image_id"] for item in batch]
-                    raise PkdError(f"non-finite loss at step {state.iteration} (images {ids}): lower --lr or check the "
-                                   f"data; the last checkpoint is kept")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-                optimizer.step()
+                    raise PkdError(f"non-finite loss at step {state.iteration + 1} (images {ids}): lower --lr or "
+                                   f"check the data; the last checkpoint is kept") from None
                 scheduler.step()
                 state.iteration += 1
                 state.step_in_epoch += 1
                 record = {"iter": state.iteration, "epoch": state.epoch, "lr": optimizer.param_groups[0]["lr"],
-                          "loss": loss.item(), "loss_det": loss_det.item(), "loss_pkd": loss_pkd.item(),
-                          **{k: v.item() for k, v in losses.items()},
-                          "sec": time.perf_counter() - tick, "data_sec": data_sec}
+                          **terms, "sec": time.perf_counter() - tick, "data_sec": data_sec}
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 bar.update(1)

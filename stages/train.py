@@ -35,6 +35,7 @@ class TrainConfig:
     split: str = "train"
     val_split: str | None = "val"
     backbone: str | None = None
+    backbone_weights: Path | None = None
     variant: str = "full"
     epochs: int = 12
     iters: int | None = None
@@ -118,6 +119,10 @@ def train(cfg: TrainConfig) -> Path:
         views = store_views(cfg.features)
     dataset = CocoDetection(cfg.data, cfg.split, views, with_masks=cfg.student in USES_MASKS)
     model = build_detector(cfg.student, num_classes=dataset.num_classes, variant=cfg.variant, backbone=cfg.backbone)
+    if cfg.backbone_weights is not None:
+        from pkd_offline.models.foreign_weights import load_backbone_weights
+
+        load_backbone_weights(model, cfg.backbone_weights)
     train_set, distill = setup_distillation(cfg, dataset, model, device, ranks)
     model.to(device)
     streaming = isinstance(train_set, torch.utils.data.IterableDataset)

@@ -22,6 +22,20 @@ class FeatureDetector(nn.Module):
         self.strides = tuple(strides)
         self.spec = dict(spec)
 
+    def freeze_backbone_norm(self) -> None:
+        """Keep the backbone's batch norms at their loaded statistics and affine terms (``spec["frozen_backbone_norm"]``)."""
+        for module in self.detector.backbone.body.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+                for parameter in module.parameters():
+                    parameter.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "FeatureDetector":
+        super().train(mode)
+        if mode and self.spec.get("frozen_backbone_norm"):
+            self.freeze_backbone_norm()
+        return self
+
     @property
     def transform(self):
         return self.detector.transform

@@ -121,7 +121,8 @@ def load_backbone_weights(model: FeatureDetector, path: Path) -> list[str]:
     """Load ImageNet classification weights (torchvision format: ``conv1.weight``, ``layer1.0...``, or
     ``features.N...`` for MobileNetV3) from ``path`` into ``model.detector.backbone.body``.
 
-    Shapes are checked and every body tensor must be present (``num_batches_tracked`` excepted: older
+    The backbone's batch norms are frozen afterwards (statistics and affine terms). Shapes are
+    checked and every body tensor must be present (``num_batches_tracked`` excepted: older
     files lack it). Returns the checkpoint keys not loaded (classifier ``fc.*``/``classifier.*``, and
     MobileNet layers past the last one the FPN uses). PkdError when the weights do not fit.
     """
@@ -135,9 +136,14 @@ def load_backbone_weights(model: FeatureDetector, path: Path) -> list[str]:
         parts = key.split(".")
         return prefix == "features." and parts[0] == "features" and parts[1].isdigit() and int(parts[1]) > last_layer
 
-    return fit_state(body, state, lambda key: prefix + key, source=path, what=f"the {model.spec.get('backbone')} "
-                     f"backbone of {model.spec['name']} ({model.spec['variant']})", ignorable=CLASSIFIER_HEADS,
-                     optional=_frozen_bn_buffer, ignore=beyond_body)
+    ignored = fit_state(body, state, lambda key: prefix + key, source=path, what=f"the {model.spec.get('backbone')} "
+                        f"backbone of {model.spec['name']} ({model.spec['variant']})", ignorable=CLASSIFIER_HEADS,
+                        optional=_frozen_bn_buffer, ignore=beyond_body)
+    # Pretrained backbones keep their ImageNet normalisation statistics, as torchvision's and
+    # MMDetection's detectors do (FrozenBatchNorm / norm_eval): small per-GPU batches would spoil them.
+    model.spec["frozen_backbone_norm"] = True
+    model.freeze_backbone_norm()
+    return ignored
 
 
 def fit_state(target: nn.Module, state: dict, their_name: Callable[[str], str], *, source: Path | str, what: str,
