@@ -37,12 +37,17 @@ def load_checkpoint(path: Path) -> dict:
 def load_detector(path: Path) -> tuple[FeatureDetector, dict]:
     """Rebuild the detector a project checkpoint describes (``spec``) and load its weights."""
     content = load_checkpoint(path)
+    return detector_from_checkpoint(content, path), content
+
+
+def detector_from_checkpoint(content: dict, source: Path) -> FeatureDetector:
+    """The detector of an already loaded project checkpoint ``content`` (read from ``source``)."""
     if "spec" not in content or "model" not in content:
-        raise PkdError(f"checkpoint {path} is not a pkd-offline model (no 'spec'/'model'); for other formats see the README")
+        raise PkdError(f"checkpoint {source} is not a pkd-offline model (no 'spec'/'model'); for other formats see the README")
     spec = dict(content["spec"])
     model = build_detector(spec["name"], num_classes=spec["num_classes"], variant=spec["variant"], backbone=spec.get("backbone"))
     model.spec = spec
     missing, unexpected = model.load_state_dict(content["model"], strict=False)
     if missing or unexpected:
-        raise PkdError(f"checkpoint {path} does not fit {spec['name']}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model, content
+        raise PkdError(f"checkpoint {source} does not fit {spec['name']}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model

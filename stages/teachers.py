@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from pkd_offline.checkpoint import load_checkpoint, load_detector
+from pkd_offline.checkpoint import detector_from_checkpoint, load_checkpoint
 from pkd_offline.data import file_sha256
 from pkd_offline.errors import PkdError
 from pkd_offline.models import DETECTORS, FeatureDetector, build_detector
@@ -31,7 +31,7 @@ def load_teacher(name: str, *, checkpoint: Path | None, random_init: bool, varia
         checkpoint_format = detect_format(content, checkpoint)
         unused: dict[str, int] = {}
         if checkpoint_format == "pkd-offline":
-            teacher, _ = load_detector(checkpoint)
+            teacher = detector_from_checkpoint(content, checkpoint)
             if teacher.spec["name"] != name:
                 raise PkdError(f"checkpoint {checkpoint} holds a {teacher.spec['name']!r} model, not {name!r}: "
                                f"pass --teacher {teacher.spec['name']}")
