@@ -20,17 +20,18 @@ def save_checkpoint(path: Path, content: dict) -> None:
     os.replace(temporary, path)
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint safely; PkdError if it is missing, corrupt or holds anything but plain data."""
+def load_checkpoint(path: Path, *, what: str = "checkpoint",
+                    missing_hint: str = "pass --checkpoint FILE (a model.pt written by `pkd-offline train`)") -> dict:
+    """Load a checkpoint or weights file safely; PkdError if it is missing, corrupt or holds anything but plain data."""
     path = Path(path)
     if not path.is_file():
-        raise PkdError(f"checkpoint {path} not found: pass --checkpoint FILE (a model.pt written by `pkd-offline train`)")
+        raise PkdError(f"{what} {path} not found: {missing_hint}")
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for corrupt or unsafe files
-        raise PkdError(f"checkpoint {path} cannot be loaded safely: {str(error).splitlines()[0]}") from None
+        raise PkdError(f"{what} {path} cannot be loaded safely: {str(error).splitlines()[0]}") from None
     if not isinstance(content, dict):
-        raise PkdError(f"checkpoint {path} is not a dict of weights")
+        raise PkdError(f"{what} {path} is not a dict of weights")
     return content
 
 

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 
+from pkd_offline.checkpoint import load_checkpoint
 from pkd_offline.errors import PkdError
 from pkd_offline.models import build_detector
 from pkd_offline.models.detector import FeatureDetector
@@ -299,13 +300,4 @@ def _torchvision_layout_teacher(state: dict, *, num_classes: int) -> FeatureDete
 
 def _load_weights(path: Path) -> dict:
     """A weights file read with ``torch.load(weights_only=True)`` (nothing is unpickled)."""
-    path = Path(path)
-    if not path.is_file():
-        raise PkdError(f"weights file {path} not found: download it first (see docs/coco-recipe.md)")
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for corrupt or unsafe files
-        raise PkdError(f"weights file {path} cannot be loaded safely: {str(error).splitlines()[0]}") from None
-    if not isinstance(content, dict):
-        raise PkdError(f"weights file {path} is not a dict of tensors")
-    return content
+    return load_checkpoint(path, what="weights file", missing_hint="download it first (see docs/coco-recipe.md)")
