@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--alpha", type=float)
     train.add_argument("--level-map", dest="level_map", choices=("index", "stride"))
     train.add_argument("--max-pairs", dest="max_pairs", type=int)
+    train.add_argument("--on-error", dest="on_error", choices=("stop", "skip"),
+                       help="a damaged store sample: stop (default) or skip it and count it")
 
     evaluate = commands.add_parser("eval", help="COCO box AP of a checkpoint")
     _common(evaluate, "eval")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -78,6 +79,7 @@ class LoopState:
     iteration: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
+    skipped: list[dict] = field(default_factory=list)  # damaged samples left out (``--on-error skip``)
 
 
 def training_step(model: FeatureDetector, batch: list[dict], optimizer: torch.optim.Optimizer, *,
@@ -114,7 +116,8 @@ def train_steps(model: FeatureDetector, loader, sampler, optimizer: torch.optim.
 
     Each line holds iter, epoch, lr, loss, loss_det, loss_pkd, every detection loss term, sec (the
     whole step, data loading included) and data_sec. ``on_step`` runs after each step (checkpoints,
-    evaluation). A non-finite loss stops with a PkdError naming the step and the batch's image ids.
+    evaluation). Items marked ``skipped`` (damaged store samples under ``--on-error skip``) are
+    left out of their batch, reported and collected in ``state.skipped``. A non-finite loss stops with a PkdError naming the step and the batch's image ids.
     """
     bar = tqdm(total=total_iters, initial=state.iteration, desc="train", unit="it", disable=not progress)
     with open(log_path, "a") as log:
@@ -130,6 +133,13 @@ def train_steps(model: FeatureDetector, loader, sampler, optimizer: torch.optim.
             tick = time.perf_counter()
             for batch in batches:
                 data_sec = time.perf_counter() - tick
+                damaged = [item for item in batch if "skipped" in item]
+                for item in damaged:
+                    tqdm.write(f"pkd-offline: skipped: {item['skipped']}", file=sys.stderr)
+                state.skipped.extend(damaged)
+                batch = [item for item in batch if "skipped" not in item]
+                if not batch:
+                    continue
                 try:
                     terms = training_step(model, batch, optimizer, device=device, distill=distill,
                                           size_divisor=size_divisor)

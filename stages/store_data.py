@@ -12,7 +12,7 @@ from pkd_offline.data import CocoDetection, ViewSampler, file_sha256
 from pkd_offline.errors import PkdError
 from pkd_offline.models import FeatureDetector
 from pkd_offline.views import View
-from storage import Sample, open_store
+from storage import Sample, StoreError, open_store
 from storage.base import StoreReader
 
 
@@ -72,12 +72,14 @@ def join_features(item: dict, sample: Sample) -> dict:
 class StoreJoinedDataset(Dataset):
     """``dataset[(image_index, view_index)]`` plus ``teacher_features`` {stride: float32 (C, h, w)} from the store.
 
-    The store is opened lazily in each DataLoader worker (random access: the zarr way).
+    The store is opened lazily in each DataLoader worker (random access: the zarr way). With
+    ``skip_damaged`` a sample the store cannot read comes back as ``{"skipped": reason, ...}``.
     """
 
-    def __init__(self, dataset: CocoDetection, store_path: Path) -> None:
+    def __init__(self, dataset: CocoDetection, store_path: Path, *, skip_damaged: bool = False) -> None:
         self.dataset = dataset
         self.store_path = Path(store_path)
+        self.skip_damaged = skip_damaged
         self._store: StoreReader | None = None
 
     def __len__(self) -> int:
@@ -87,7 +89,13 @@ class StoreJoinedDataset(Dataset):
         if self._store is None:
             self._store = open_store(str(self.store_path))
         item = self.dataset[key]
-        return join_features(item, self._store.read(self._store.index_of(item["image_id"], item["view_index"])))
+        try:
+            sample = self._store.read(self._store.index_of(item["image_id"], item["view_index"]))
+        except StoreError as error:
+            if not self.skip_damaged:
+                raise
+            return {"skipped": str(error), "image_id": item["image_id"], "view_index": item["view_index"]}
+        return join_features(item, sample)
 
 
 class StoreStream(IterableDataset):
@@ -100,10 +108,11 @@ class StoreStream(IterableDataset):
     """
 
     def __init__(self, dataset: CocoDetection, store_path: Path, *, seed: int = 0, shuffle_buffer: int = 256,
-                 rank: int = 0, num_replicas: int = 1) -> None:
+                 rank: int = 0, num_replicas: int = 1, skip_damaged: bool = False) -> None:
         self.dataset, self.store_path = dataset, Path(store_path)
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.rank, self.num_replicas = rank, num_replicas
+        self.skip_damaged = skip_damaged
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -127,7 +136,10 @@ class StoreStream(IterableDataset):
         info = get_worker_info()
         generator = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{0 if info is None else info.id}")
         buffer: list[dict] = []
-        for sample in store.iter_samples(self._my_shards(store.manifest.n_shards)):
+        for sample in self._samples(store):
+            if "skipped" in sample:
+                yield sample
+                continue
             index = image_index.get(sample.image_id)
             if index is None or chosen[index] != sample.view_index:
                 continue
@@ -136,3 +148,14 @@ class StoreStream(IterableDataset):
                 yield buffer.pop(generator.randrange(len(buffer)))
         generator.shuffle(buffer)
         yield from buffer
+
+    def _samples(self, store: StoreReader):
+        """This worker's samples shard by shard; with ``skip_damaged`` the unreadable rest of a shard
+        becomes one ``{"skipped": reason}`` marker instead of an error."""
+        for k in self._my_shards(store.manifest.n_shards):
+            try:
+                yield from store.iter_samples([k])
+            except StoreError as error:
+                if not self.skip_damaged:
+                    raise
+                yield {"skipped": f"shard {k}: {error}", "image_id": None, "view_index": None}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,7 @@ class TrainConfig:
     alpha: float = 6.0
     level_map: str = "stride"
     max_pairs: int = 4
+    on_error: str = "stop"
     progress: bool = True
 
 
@@ -86,9 +88,10 @@ def setup_distillation(cfg: TrainConfig, dataset: CocoDetection, model, device: 
         teacher_strides = [level.stride for level in store.manifest.levels]
         pairs = pair_levels(list(model.strides), teacher_strides, cfg.level_map)[: cfg.max_pairs]
         if store.manifest.format == "wds":
-            stream = StoreStream(dataset, cfg.features, seed=cfg.seed, rank=ranks.rank, num_replicas=ranks.world_size)
+            stream = StoreStream(dataset, cfg.features, seed=cfg.seed, rank=ranks.rank, num_replicas=ranks.world_size,
+                                 skip_damaged=cfg.on_error == "skip")
             return stream, Distillation(pairs, cfg.alpha)
-        return StoreJoinedDataset(dataset, cfg.features), Distillation(pairs, cfg.alpha)
+        return StoreJoinedDataset(dataset, cfg.features, skip_damaged=cfg.on_error == "skip"), Distillation(pairs, cfg.alpha)
     if cfg.teacher is not None:
         teacher, _ = load_teacher(cfg.teacher, checkpoint=cfg.teacher_checkpoint, random_init=cfg.random_init,
                                   variant=cfg.variant, num_classes=dataset.num_classes, seed=cfg.seed)
@@ -106,6 +109,8 @@ def train(cfg: TrainConfig) -> Path:
     Under torchrun: DistributedDataParallel, each rank a disjoint part of every epoch (the batch
     size is per rank), logs and checkpoints from rank 0, evaluation split over ranks and gathered.
     """
+    if cfg.on_error not in ("stop", "skip"):
+        raise PkdError(f"--on-error must be stop or skip, got {cfg.on_error!r}")
     ranks = init_ranks(torch.device(cfg.device.split(":")[0]))
     device = resolve_device(cfg.device, ranks)
     out = Path(cfg.out)
@@ -146,8 +151,8 @@ def train(cfg: TrainConfig) -> Path:
         if ranks.is_main:
             truncate_log(log_path, state.iteration)
             truncate_log(out / "eval.jsonl", state.iteration)
-    elif not cfg.resume and ranks.is_main:
-        for stale in (log_path, out / "eval.jsonl", last_path):
+    elif ranks.is_main:  # a fresh start (also --resume before the first checkpoint): no stale lines
+        for stale in (log_path, out / "eval.jsonl", last_path, out / "skipped.json"):
             stale.unlink(missing_ok=True)
     barrier(ranks)
     val_set = None
@@ -178,6 +183,10 @@ def train(cfg: TrainConfig) -> Path:
     train_steps(trained, loader, sampler, optimizer, scheduler, state, stop_at, device=device, distill=distill,
                 size_divisor=cfg.size_divisor, log_path=log_path if ranks.is_main else Path(os.devnull),
                 on_step=on_step, progress=cfg.progress and ranks.is_main)
+    if state.skipped and ranks.is_main:
+        (out / "skipped.json").write_text(json.dumps(state.skipped, indent=1) + "\n")
+        print(f"pkd-offline: skipped {len(state.skipped)} damaged samples (listed in {out / 'skipped.json'})",
+              file=sys.stderr)
     finished = state.iteration >= total_iters
     path = out / "model.pt" if finished else last_path
     if ranks.is_main:
@@ -198,5 +207,11 @@ def restore(path: Path, model, optimizer, scheduler) -> LoopState:
 def truncate_log(path: Path, iteration: int) -> None:
     """Drop log lines past ``iteration`` (written after the checkpoint a resumed run restarts from)."""
     if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["iter"] <= iteration]
-        path.write_text("".join(line + "\n" for line in lines))
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["iter"] <= iteration:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line torn by the kill
+        path.write_text("".join(line + "\n" for line in kept))

@@ -178,4 +178,9 @@ def read_manifest(root: Path) -> Manifest | None:
     path = Path(root) / MANIFEST_NAME
     if not path.is_file():
         return None
-    return Manifest.from_json(path.read_text())
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise StoreError(f"manifest {path} is not UTF-8 text ({error}): the store is damaged; re-run extraction") \
+            from None
+    return Manifest.from_json(text)

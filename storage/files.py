@@ -78,7 +78,7 @@ def read_markers(root: Path) -> dict[int, dict]:
             record = json.loads(path.read_text())
             index = int(record["index"])
             markers[index] = {"index": index, "samples": int(record["samples"]), "sha256": str(record["sha256"])}
-        except (ValueError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as error:
             raise StoreError(f"shard marker {path} is damaged ({error}): delete it to re-extract that shard") from None
         if path.name != f"{index:06d}.json":
             raise StoreError(f"shard marker {path} names shard {index}: delete it to re-extract that shard")

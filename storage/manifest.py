@@ -99,8 +99,9 @@ class Manifest:
         """Parse and strictly validate; StoreError on malformed JSON, wrong types or keys, or an unknown version."""
         try:
             raw = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise StoreError(f"manifest is not valid JSON ({error}): the store is damaged; re-run extraction") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+            raise StoreError(f"manifest is not valid JSON ({type(error).__name__}: {str(error)[:200]}): the store is "
+                             "damaged; re-run extraction") from None
         if not isinstance(raw, dict):
             raise StoreError("manifest is not a JSON object: the store is damaged; re-run extraction")
         version = raw.get("format_version")

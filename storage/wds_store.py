@@ -7,11 +7,14 @@ is the member group with key ``{index:09d}``:
 - ``meta.json``: {"image_id", "view_index", "image_hw": [h, w] pixels,
   "feature_hw": {"<stride>": [h, w]}}
 - ``s{stride}.{part}.npy.zst``: ``np.save`` bytes (no pickle) of each codec part, zstd-compressed
+  with a content checksum (a flipped bit in a part is a read error, not a silently wrong value)
 - any ``Sample.extras`` (e.g. ``jpg``, ``boxes.json``) as raw members.
 
 Shards are read with the standard library's tarfile (webdataset is imported only to write), as
-raw bytes decoded here (``np.load(..., allow_pickle=False)``);
-pickle-capable members (.pyd, .pickle, .pkl, .pth, .pt) are refused.
+raw bytes decoded here: a part must be a plain numeric ``.npy`` (parsed with numpy's format
+functions, never ``np.load``, so neither pickles nor ``.npz`` archives are opened) whose declared
+size fits the manifest, so a hostile shard cannot make the reader allocate more than the
+manifest's largest map; pickle-capable members (.pyd, .pickle, .pkl, .pth, .pt) are refused.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from storage.sample import Sample
 PICKLE_EXTENSIONS = frozenset({"pyd", "pickle", "pkl", "pth", "pt"})
 _PART = re.compile(r"^s(\d+)\.([A-Za-z0-9_]+)\.npy(\.zst)?$")
 _EXTRA = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-_ZSTD = Zstd(level=3)
+_ZSTD = Zstd(level=3, checksum=True)
+_NPY_HEADER_LIMIT = 4096  # bytes; numpy writes 128
 _TAR_BLOCK = 512
 
 
@@ -56,6 +60,38 @@ def _open_tar(path: Path, mode: str) -> tarfile.TarFile:
         return tarfile.open(path, mode)
     except (tarfile.TarError, OSError, EOFError) as error:
         raise StoreError(f"shard {path} cannot be opened ({error}): run `verify` and re-extract the shard") from None
+
+
+def _zstd_frame_size(data: bytes) -> int | None:
+    """Decompressed size a zstd frame declares in its header (None when absent or not a zstd frame)."""
+    if len(data) < 6 or data[:4] != b"\x28\xb5\x2f\xfd":
+        return None
+    descriptor = data[4]
+    single_segment = (descriptor >> 5) & 1
+    position = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[descriptor & 3]
+    width = (1 if single_segment else 0, 2, 4, 8)[descriptor >> 6]
+    if width == 0 or len(data) < position + width:
+        return None
+    size = int.from_bytes(data[position: position + width], "little")
+    return size + 256 if width == 2 else size
+
+
+def _load_npy(raw: bytes, limit: int) -> np.ndarray:
+    """A plain numeric array from ``.npy`` bytes; ValueError for anything else (pickles, npz, sizes past ``limit``)."""
+    stream = io.BytesIO(raw)
+    major, _ = np.lib.format.read_magic(stream)
+    read_header = {1: np.lib.format.read_array_header_1_0, 2: np.lib.format.read_array_header_2_0}.get(major)
+    if read_header is None:
+        raise ValueError(f".npy version {major} is not read")
+    shape, fortran_order, dtype = read_header(stream, max_header_size=_NPY_HEADER_LIMIT)
+    if dtype.hasobject or dtype.kind not in "biuf" or dtype.fields is not None or dtype.subdtype is not None:
+        raise ValueError(f"dtype {dtype} is not a plain numeric dtype")
+    count = int(np.prod(shape, dtype=object))
+    if count * dtype.itemsize > limit or count * dtype.itemsize != len(raw) - stream.tell():
+        raise ValueError(f"shape {shape} of {dtype} does not match its {len(raw) - stream.tell()} data bytes "
+                         f"(at most {limit} allowed)")
+    values = np.frombuffer(raw, dtype=dtype, count=count, offset=stream.tell())
+    return values.reshape(shape[::-1]).transpose() if fortran_order else values.reshape(shape)
 
 
 def _refuse_pickle(name: str, where: str) -> None:
@@ -125,7 +161,10 @@ class WdsReader(StoreReader):
         self._check_index(index)
         k = index // self.manifest.samples_per_shard
         path = self.root / shard_name(k)
-        entry = self._shard_index(k).get(f"{index:09d}")
+        try:
+            entry = self._shard_index(k).get(f"{index:09d}")
+        except StoreError as error:
+            raise StoreError(f"sample {index}: {error}") from None
         if entry is None:
             raise StoreError(f"shard {path} lacks sample {index}: run `verify` and re-extract the shard")
         members = {}
@@ -157,7 +196,8 @@ class WdsReader(StoreReader):
             for member in self._members_of(path, tar):
                 member_key, suffix = member.name.split(".", 1)
                 if member_key != key and key is not None:
-                    yield self._sample(self._next_index(expected, key, path), members, f"sample {key} in {path}")
+                    index = self._next_index(expected, key, path)
+                    yield self._sample(index, members, f"sample {index} in {path}")
                     members = {}
                 key = member_key
                 try:
@@ -165,7 +205,8 @@ class WdsReader(StoreReader):
                 except (tarfile.TarError, EOFError, OSError) as error:
                     raise StoreError(f"shard {path} is truncated or damaged ({error}): re-extract the shard") from None
         if key is not None:
-            yield self._sample(self._next_index(expected, key, path), members, f"sample {key} in {path}")
+            index = self._next_index(expected, key, path)
+            yield self._sample(index, members, f"sample {index} in {path}")
         if next(expected, None) is not None:
             raise StoreError(f"shard {path} ends early (truncated?): re-extract the shard")
 
@@ -198,7 +239,7 @@ class WdsReader(StoreReader):
             image_id, view_index = int(meta["image_id"]), int(meta["view_index"])
             image_hw = (int(meta["image_hw"][0]), int(meta["image_hw"][1]))
             feature_hw = {int(s): (int(hw[0]), int(hw[1])) for s, hw in meta["feature_hw"].items()}
-        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as error:
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError, OverflowError, RecursionError) as error:
             raise StoreError(f"{where}: meta.json is missing or malformed ({error}); re-extract the shard") from None
         image_index, expected_view = divmod(index, manifest.n_views)
         if (image_id, view_index) != (manifest.image_ids[image_index], expected_view):
@@ -214,10 +255,16 @@ class WdsReader(StoreReader):
             stride = int(match.group(1))
             if stride not in parts:
                 raise StoreError(f"{where}: member {suffix!r} has a stride not in the manifest; re-extract it")
+            level = next(level for level in manifest.levels if level.stride == stride)
+            limit = level.channels * level.max_height * level.max_width * 8 + _NPY_HEADER_LIMIT
             try:
-                raw = _ZSTD.decode(data) if match.group(3) else data
-                parts[stride][match.group(2)] = np.load(io.BytesIO(raw), allow_pickle=False)
-            except (ValueError, RuntimeError, OSError, EOFError) as error:
+                if match.group(3):
+                    declared = _zstd_frame_size(data)
+                    if declared is None or declared > limit:
+                        raise ValueError(f"zstd frame declares {declared} bytes, at most {limit} allowed")
+                    data = bytes(_ZSTD.decode(data))
+                parts[stride][match.group(2)] = _load_npy(data, limit)
+            except (ValueError, RuntimeError, OSError, EOFError, TypeError, SyntaxError) as error:
                 raise StoreError(f"{where}: member {suffix!r} is not a plain numeric .npy ({error}); "
                                  "re-extract the shard") from None
         features = {}

@@ -9,6 +9,11 @@ Layout of ``X.zarr/`` (N samples, S = samples_per_shard, L levels):
   ``feature_hw`` (N, L, 2) int32 (each sample's own map size per level); one chunk = S samples.
 - ``shards/{k:06d}.json`` completion markers, ``manifest.json`` (see ``storage.files``).
 
+Every chunk is a zstd frame with a content checksum, so a flipped bit in stored data is a read
+error, never a silently different value. The reader also refuses a store shard with a missing
+file (zarr itself would read the fill value, zeros, in its place) and a sample whose stored
+image id or view is not the one the manifest puts at its index.
+
 Store shard k is therefore exactly one file per array (``<array>/c/k/0/...``), so processes
 writing different shards never touch the same file. zarr 3's LocalStore writes each file
 through a temporary ``*.partial`` name and renames it, so a single file is never torn; a
@@ -60,7 +65,7 @@ def create_zarr(root: Path, manifest: Manifest) -> ZarrWriter:
         per_shard = manifest.samples_per_shard
         chunks = (1, *shape[1:]) if shards else (per_shard, *shape[1:])
         group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards, fill_value=0,
-                           compressors=ZstdCodec(level=_ZSTD_LEVEL))
+                           compressors=ZstdCodec(level=_ZSTD_LEVEL, checksum=True))
     return ZarrWriter(root, manifest)
 
 
@@ -125,12 +130,15 @@ class ZarrReader(StoreReader):
         except Exception as error:  # zarr raises several types for a damaged group
             raise StoreError(f"{root} is not a readable zarr v3 store ({error}): re-run extraction") from None
         self.arrays: dict[str, zarr.Array] = {}
-        for name, (dtype, shape, _) in array_specs(manifest).items():
+        for name, (dtype, shape, shards) in array_specs(manifest).items():
             try:
                 array = self.group[name]
             except KeyError:
                 raise StoreError(f"zarr store {root} lacks array {name!r}: the store is damaged; "
                                  "re-extract it") from None
+            except Exception as error:  # zarr raises many types for damaged array metadata
+                raise StoreError(f"zarr array {root}/{name} has unreadable metadata ({type(error).__name__}: "
+                                 f"{str(error)[:200]}): the store is damaged; re-extract it") from None
             stored = np.dtype(array.dtype) if isinstance(array.dtype, np.dtype) else None
             if stored is None or stored.kind not in "biuf":
                 raise StoreError(f"zarr array {root}/{name} has dtype {array.dtype}; only numeric dtypes are "
@@ -138,15 +146,25 @@ class ZarrReader(StoreReader):
             if stored != dtype or array.shape != shape:
                 raise StoreError(f"zarr array {root}/{name} is {stored} {array.shape}, the manifest implies "
                                  f"{dtype} {shape}: the store is damaged; re-extract it")
+            # A store shard must be exactly one file per array, or verify would hash the wrong files.
+            grid = array.shards if shards else array.chunks
+            if tuple(grid or ()) != (shards or (manifest.samples_per_shard, *shape[1:])):
+                raise StoreError(f"zarr array {root}/{name} is split in blocks of {grid}, the manifest's "
+                                 f"samples_per_shard {manifest.samples_per_shard} implies "
+                                 f"{shards or (manifest.samples_per_shard, *shape[1:])}: the manifest does not "
+                                 "describe this store; re-extract it")
             self.arrays[name] = array
         self._metadata: dict[int, dict[str, np.ndarray]] = {}
 
     def read(self, index: int) -> Sample:
         self._check_index(index)
         k = index // self.manifest.samples_per_shard
-        metadata = self._shard_metadata(k)
-        row = index - k * self.manifest.samples_per_shard
         where = f"sample {index} (shard {k} of {self.root})"
+        try:
+            metadata = self._shard_metadata(k)
+        except StoreError as error:
+            raise StoreError(f"{where}: {error}") from None
+        row = index - k * self.manifest.samples_per_shard
         features = {}
         try:
             for l, level in enumerate(self.manifest.levels):
@@ -160,8 +178,12 @@ class ZarrReader(StoreReader):
             raise
         except Exception as error:  # zarr/numcodecs raise many types on a damaged shard file
             raise StoreError(f"{where} cannot be read ({error}): run `verify` and re-extract the shard") from None
-        return Sample(index=index, image_id=int(metadata["image_id"][row]),
-                      view_index=int(metadata["view_index"][row]),
+        image_id, view_index = int(metadata["image_id"][row]), int(metadata["view_index"][row])
+        image_index, expected_view = divmod(index, self.manifest.n_views)
+        if (image_id, view_index) != (self.manifest.image_ids[image_index], expected_view):
+            raise StoreError(f"{where} is image {image_id} view {view_index}, the manifest says image "
+                             f"{self.manifest.image_ids[image_index]} view {expected_view}: re-extract the shard")
+        return Sample(index=index, image_id=image_id, view_index=view_index,
                       image_hw=(int(metadata["image_hw"][row, 0]), int(metadata["image_hw"][row, 1])),
                       features=features)
 
@@ -174,6 +196,10 @@ class ZarrReader(StoreReader):
             if len(self._metadata) >= self._CACHED_SHARDS:
                 self._metadata.pop(next(iter(self._metadata)))
             span = self.manifest.shard_range(k)
+            missing = [path for path in self.shard_paths(k) if not os.path.isfile(path)]
+            if missing:
+                raise StoreError(f"shard {k} of {self.root} lacks file {missing[0]} (samples {span.start}.."
+                                 f"{span.stop - 1}): run `verify` and re-extract the shard")
             try:
                 self._metadata[k] = {name: self.arrays[name][span.start: span.stop] for name in _METADATA}
             except Exception as error:
