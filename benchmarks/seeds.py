@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=list(RUNS))
     parser.add_argument("--work", type=Path, default=Path("runs/seeds"))
     parser.add_argument("--out", type=Path, default=Path("metrics/seeds.json"))
+    parser.add_argument("--retrain", action="store_true", help="train again even where WORK/NAME-seedS/model.pt exists")
     args = parser.parse_args()
     results: dict[str, dict] = {}
     for name in args.runs:
@@ -42,7 +43,9 @@ def main() -> None:
             out = args.work / f"{name}-seed{seed}"
             cfg = make_config(TrainConfig, load_params(args.params, section),
                               {**overrides, "seed": seed, "out": out, "eval_every": 0, "progress": False})
-            model_path = train(cfg)
+            model_path = out / "model.pt"
+            if args.retrain or not model_path.exists():  # a finished run of the same settings is reused
+                model_path = train(cfg)
             stats = evaluate(EvalConfig(checkpoint=model_path, data=cfg.data, split="val", progress=False))
             log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
             maps.append(stats["mAP"])

@@ -1,0 +1,309 @@
+"""Benchmarks: the store removes the teacher's cost. Every figure is a ratio measured side by side in one run.
+
+    python benchmarks/run.py --quick      # < 5 min on a 2-core CPU
+    python benchmarks/run.py              # the full sizes
+    python benchmarks/run.py --device cuda --image-size 1333 --variant full   # COCO resolution on a GPU
+
+Prints tables, then one JSON line with step_ratio_offline_over_alone, step_ratio_online_over_alone,
+extract_ratio_over_forward, read_rate_over_consumption, bytes_ratio_default_codec_over_fp32 and
+min_r_default_codec (and the rest of the figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pkd_offline.checkpoint import save_checkpoint  # noqa: E402
+from pkd_offline.data import CocoDetection, ViewSampler, collate  # noqa: E402
+from pkd_offline.engine import Distillation, training_step  # noqa: E402
+from pkd_offline.levels import pair_levels  # noqa: E402
+from pkd_offline.models import build_detector  # noqa: E402
+from stages.extract import ExtractConfig, extract  # noqa: E402
+from stages.store_data import StoreJoinedDataset, StoreStream, store_views  # noqa: E402
+from stages.synth import SynthConfig, synth  # noqa: E402
+from stages.teachers import load_teacher  # noqa: E402
+from storage import describe, open_store  # noqa: E402
+
+DEFAULT_CODEC = "int8"
+COCO_TRAIN_IMAGES = 117_266
+COCO_PIXELS = 800 * 1333 * 0.83  # mean resized area: short side 800, aspect ratios of COCO (about 0.83 of 800x1333)
+
+
+def teacher_checkpoint(args, data: Path, work: Path) -> Path:
+    """The demo's trained teacher if present, else a seeded random one saved as a project checkpoint."""
+    if args.teacher_checkpoint and Path(args.teacher_checkpoint).exists():
+        return Path(args.teacher_checkpoint)
+    teacher, _ = load_teacher("swin", checkpoint=None, random_init=True, variant=args.variant, num_classes=7)
+    path = work / "random_teacher.pt"
+    save_checkpoint(path, {"spec": teacher.spec, "model": teacher.state_dict(), "category_ids": [], "views": []})
+    print(f"note: {args.teacher_checkpoint} not found, fidelity measured on a random-init teacher (run dvc repro first)")
+    return path
+
+
+def extract_config(args, data: Path, out: Path, checkpoint: Path, **overrides) -> ExtractConfig:
+    settings = dict(teacher="swin", checkpoint=checkpoint, variant=args.variant, data=data, out=out, views=2,
+                    levels="2,3,4,5,6", short_side=args.image_size, max_size=args.image_size, batch_size=8,
+                    workers=args.workers, device=args.device, samples_per_shard=64, progress=False, overwrite=True)
+    return ExtractConfig(**{**settings, **overrides})
+
+
+def bench_extraction(args, data: Path, checkpoint: Path, work: Path) -> dict:
+    """Steady-state images/s of the whole extract (decode, resize, forward, encode, write) vs the
+    teacher forward alone on the same preloaded inputs. The extract rate is marginal: the time of
+    a run on 2x the images minus a run on 1x, so start-up (model load, worker spawn) cancels."""
+    device = torch.device(args.device)
+    teacher, _ = load_teacher("swin", checkpoint=checkpoint, random_init=False, variant=args.variant, num_classes=7)
+    teacher.to(device)
+    double = synth(SynthConfig(out=work / "data2x", train=2 * args.images, val=2, image_size=args.image_size, seed=0))
+    cfg = extract_config(args, data, work / "extract.zarr", checkpoint, codec=DEFAULT_CODEC)
+    dataset = CocoDetection(data, "train", store_views_of(cfg))
+    batches = [[dataset[(i, v)] for i in range(start, min(start + 4, len(dataset))) for v in (0, 1)]
+               for start in range(0, len(dataset), 4)]
+    forward, whole = [], []
+    for _ in range(args.rounds):
+        tick = time.perf_counter()
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            for batch in batches:
+                features, _ = teacher.features([item["image"].to(device) for item in batch])
+                features[4].float().sum().item()
+        forward.append(sum(len(b) for b in batches) / (time.perf_counter() - tick))
+        seconds = []
+        for source, name in ((data, "x1.zarr"), (double, "x2.zarr")):
+            tick = time.perf_counter()
+            extract(extract_config(args, source, work / name, checkpoint, codec=DEFAULT_CODEC))
+            seconds.append(time.perf_counter() - tick)
+        whole.append(2 * args.images / max(seconds[1] - seconds[0], 1e-9))
+    return {"extract_img_per_s": statistics.median(whole), "forward_img_per_s": statistics.median(forward),
+            "extract_ratio_over_forward": statistics.median(whole) / statistics.median(forward)}
+
+
+def store_views_of(cfg: ExtractConfig):
+    from pkd_offline.views import make_views
+
+    return make_views(cfg.views, cfg.short_side, cfg.max_size, cfg.size_divisor)
+
+
+def bench_codecs(args, data: Path, checkpoint: Path, work: Path) -> dict:
+    """Bytes per image per level and Pearson r (decoded vs fp32) per level, per codec and a by-hand baseline."""
+    stores = {}
+    for codec in ("fp32", "fp16", "int8"):
+        stores[codec] = extract(extract_config(args, data, work / f"codec-{codec}.zarr", checkpoint, codec=codec))
+    reference = open_store(str(stores["fp32"]))
+    raw = {level.stride: 0 for level in reference.manifest.levels}
+    by_hand = {"np.save fp32": 0, "torch.save fp16": 0}
+    pixels = 0
+    for sample in reference.iter_samples():
+        pixels += sample.image_hw[0] * sample.image_hw[1]
+        for stride, values in sample.features.items():
+            raw[stride] += values.nbytes
+        buffer = io.BytesIO()
+        np.save(buffer, np.concatenate([v.ravel() for v in sample.features.values()]))
+        by_hand["np.save fp32"] += buffer.tell()
+        buffer = io.BytesIO()
+        torch.save({s: torch.from_numpy(v).half() for s, v in sample.features.items()}, buffer)
+        by_hand["torch.save fp16"] += buffer.tell()
+    n = len(reference)
+    fp32_per_image = sum(raw.values()) / n
+    table = {}
+    for codec, path in stores.items():
+        store = open_store(str(path))
+        sizes = describe(store, digest=False)
+        r = {stride: [] for stride in raw}
+        for a, b in zip(reference.iter_samples(), store.iter_samples()):
+            for stride in raw:
+                x, y = a.features[stride].ravel().astype(np.float64), b.features[stride].ravel().astype(np.float64)
+                r[stride].append(np.corrcoef(x, y)[0, 1] if x.std() > 0 else 1.0)
+        per_level = {stride: sizes["levels"][stride]["bytes_on_disk"] / n for stride in raw}
+        table[codec] = {"bytes_per_image": sum(per_level.values()), "bytes_per_image_per_level": per_level,
+                        "ratio_to_fp32": sum(per_level.values()) / fp32_per_image,
+                        "min_r_per_level": {stride: float(min(v)) for stride, v in r.items()},
+                        "bytes_per_pixel_per_level": {stride: per_level[stride] * n / pixels for stride in raw}}
+    for name, total in by_hand.items():
+        table[name] = {"bytes_per_image": total / n, "ratio_to_fp32": total / n / fp32_per_image}
+    table["fp32_raw_bytes_per_image"] = fp32_per_image
+    return table
+
+
+def make_runs(args, data: Path, checkpoint: Path, stores: dict[str, Path]) -> dict:
+    """name -> (model, loader, distill, optimizer) for student alone, offline (each store) and online."""
+    device = torch.device(args.device)
+    runs = {}
+    for name in ["alone", *[f"offline_{k}" for k in stores], "online"]:
+        torch.manual_seed(0)
+        views = store_views(next(iter(stores.values())))
+        dataset = CocoDetection(data, "train", views)
+        model = build_detector("retinanet", num_classes=dataset.num_classes, variant=args.variant,
+                               backbone=args.student_backbone).to(device)
+        distill = None
+        source = dataset
+        if name.startswith("offline_"):
+            path = stores[name.removeprefix("offline_")]
+            strides = [level.stride for level in open_store(str(path)).manifest.levels]
+            distill = Distillation(pair_levels(list(model.strides), strides, "stride")[:4], 6.0)
+            source = (StoreStream(dataset, path, shuffle_buffer=64) if "wds" in name else StoreJoinedDataset(dataset, path))
+        elif name == "online":
+            teacher, _ = load_teacher("swin", checkpoint=checkpoint, random_init=False, variant=args.variant,
+                                      num_classes=dataset.num_classes)
+            distill = Distillation(pair_levels(list(model.strides), list(teacher.strides), "stride")[:4], 6.0,
+                                   teacher.to(device))
+        streaming = isinstance(source, torch.utils.data.IterableDataset)
+        sampler = None if streaming else ViewSampler(len(dataset), len(views), seed=0)
+        loader = DataLoader(source, batch_size=args.batch_size, sampler=sampler, collate_fn=collate,
+                            num_workers=args.workers, persistent_workers=args.workers > 0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        runs[name] = {"model": model, "loader": loader, "distill": distill, "optimizer": optimizer, "iter": None}
+    return runs
+
+
+def next_batch(run: dict):
+    if run["iter"] is None:
+        run["iter"] = iter(run["loader"])
+    try:
+        return next(run["iter"])
+    except StopIteration:
+        run["iter"] = iter(run["loader"])
+        return next(run["iter"])
+
+
+def bench_steps(args, runs: dict) -> dict:
+    """Median seconds per training step (data loading included), modes interleaved round by round."""
+    device = torch.device(args.device)
+    times = {name: [] for name in runs}
+    for round_index in range(args.rounds + 1):
+        for name, run in runs.items():
+            for _ in range(args.steps):
+                tick = time.perf_counter()
+                batch = next_batch(run)
+                training_step(run["model"], batch, run["optimizer"], device=device, distill=run["distill"],
+                              size_divisor=32)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if round_index > 0:  # round 0 warms up workers and caches
+                    times[name].append(time.perf_counter() - tick)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def bench_read(args, data: Path, stores: dict[str, Path], seconds_per_step: float) -> dict:
+    """Samples/s a DataLoader with the default workers delivers from each store, vs the student's consumption."""
+    consumption = args.batch_size / seconds_per_step
+    rates = {}
+    for name, path in stores.items():
+        dataset = CocoDetection(data, "train", store_views(path))
+        source = StoreStream(dataset, path) if name.startswith("wds") else StoreJoinedDataset(dataset, path)
+        sampler = None if name.startswith("wds") else ViewSampler(len(dataset), len(dataset.views), seed=0)
+        loader = DataLoader(source, batch_size=args.batch_size, sampler=sampler, collate_fn=collate,
+                            num_workers=args.workers)
+        tick, count = time.perf_counter(), 0
+        for batch in loader:
+            count += len(batch)
+        rates[name] = count / (time.perf_counter() - tick)
+    return {"consumption_samples_per_s": consumption, "read_samples_per_s": rates,
+            "read_rate_over_consumption": min(rates.values()) / consumption}
+
+
+def bench_scale(args, work: Path, checkpoint: Path) -> dict:
+    """Extraction wall time and peak RSS (fresh process each) at 1x, 2x and 4x the data set size."""
+    figures = {}
+    for factor in (1, 2, 4):
+        data = synth(SynthConfig(out=work / f"scale{factor}", train=args.images * factor, val=2,
+                                 image_size=args.image_size, seed=1))
+        command = [sys.executable, "-m", "pkd_offline", "extract", "--teacher", "swin", "--checkpoint", str(checkpoint),
+                   "--variant", args.variant, "--data", str(data), "--out", str(work / f"scale{factor}.zarr"),
+                   "--short-side", str(args.image_size), "--max-size", str(args.image_size), "--codec", DEFAULT_CODEC,
+                   "--views", "2", "--workers", str(args.workers), "--device", args.device, "--no-progress"]
+        tick = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - tick
+        if status != 0:
+            raise RuntimeError(process.stderr.read().decode()[-2000:])
+        figures[f"{factor}x"] = {"images": args.images * factor, "seconds": wall,
+                                 "seconds_per_image": wall / (args.images * factor),
+                                 "peak_rss_mb": usage.ru_maxrss / 1024}
+    return figures
+
+
+def coco_projection(codecs: dict, levels: dict[str, list[int]]) -> dict:
+    """Projected store size (GB) for COCO train2017 at 1333x800 per codec, level set and view count."""
+    projection = {}
+    for codec in ("fp32", "fp16", "int8"):
+        per_pixel = codecs[codec]["bytes_per_pixel_per_level"]
+        for level_name, strides in levels.items():
+            bytes_per_image = sum(per_pixel[s] for s in strides) * COCO_PIXELS
+            for views in (1, 2):
+                projection[f"{codec} {level_name} views={views}"] = bytes_per_image * views * COCO_TRAIN_IMAGES / 1e9
+    return projection
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--variant", default="tiny")
+    parser.add_argument("--student-backbone", default="resnet18")
+    parser.add_argument("--image-size", type=int, default=192)
+    parser.add_argument("--teacher-checkpoint", default=str(ROOT / "runs" / "teacher" / "model.pt"))
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    args.images, args.steps, args.rounds = (16, 4, 3) if args.quick else (64, 8, 5)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data = synth(SynthConfig(out=work / "data", train=args.images, val=2, image_size=args.image_size, seed=0))
+        checkpoint = teacher_checkpoint(args, data, work)
+        print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, device {args.device}, "
+              f"{args.images} images at {args.image_size} px, student retinanet/{args.student_backbone} {args.variant}")
+        codecs = bench_codecs(args, data, checkpoint, work)
+        print("\ncodec        bytes/image   x of fp32   min r per level")
+        for name, row in codecs.items():
+            if isinstance(row, dict):
+                r = " ".join(f"P{int(s).bit_length() - 1}:{v:.5f}" for s, v in row.get("min_r_per_level", {}).items())
+                print(f"{name:<16} {row['bytes_per_image'] / 1e3:>9.1f} kB  {row['ratio_to_fp32']:>8.3f}   {r}")
+        stores = {"zarr_int8": work / f"codec-{DEFAULT_CODEC}.zarr"}
+        stores["wds_int8"] = extract(extract_config(args, data, work / "wds", checkpoint, codec=DEFAULT_CODEC))
+        stores["zarr_fp16"] = work / "codec-fp16.zarr"
+        steps = bench_steps(args, make_runs(args, data, checkpoint, {k: stores[k] for k in ("zarr_int8", "wds_int8")}))
+        print("\nstep time (median s, data loading included): " + ", ".join(f"{k} {v:.3f}" for k, v in steps.items()))
+        reads = bench_read(args, data, stores, steps["offline_zarr_int8"])
+        print(f"store read rate (samples/s, {args.workers} workers): {reads['read_samples_per_s']}; "
+              f"student consumes {reads['consumption_samples_per_s']:.1f}")
+        extraction = bench_extraction(args, data, checkpoint, work)
+        print(f"extraction: {extraction}")
+        scale = bench_scale(args, work, checkpoint)
+        print(f"scale: {scale}")
+        projection = coco_projection(codecs, {"P2-P5 (index)": [4, 8, 16, 32], "P3-P6 (stride)": [8, 16, 32, 64]})
+        print("COCO train2017 projection (GB): " + ", ".join(f"{k}: {v:.0f}" for k, v in projection.items()))
+    offline = max(steps[k] for k in steps if k.startswith("offline_"))
+    summary = {
+        "step_ratio_offline_over_alone": offline / steps["alone"],
+        "step_ratio_online_over_alone": steps["online"] / steps["alone"],
+        "extract_ratio_over_forward": extraction["extract_ratio_over_forward"],
+        "read_rate_over_consumption": reads["read_rate_over_consumption"],
+        "bytes_ratio_default_codec_over_fp32": codecs[DEFAULT_CODEC]["ratio_to_fp32"],
+        "min_r_default_codec": min(codecs[DEFAULT_CODEC]["min_r_per_level"].values()),
+        "default_codec": DEFAULT_CODEC, "step_seconds": steps, "extraction": extraction, "read": reads,
+        "scale": scale, "coco_projection_gb": projection,
+        "codecs": {k: v for k, v in codecs.items() if isinstance(v, dict)},
+    }
+    print(json.dumps(summary, default=float))
+
+
+if __name__ == "__main__":
+    main()
