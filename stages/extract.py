@@ -40,7 +40,7 @@ class ExtractConfig:
     variant: str = "full"
     data: Path = Path("data/synth")
     split: str = "train"
-    out: Path = Path("features/train.zarr")
+    out: str | Path = Path("features/train.zarr")  # a local path or an fsspec URL (s3://bucket/f.zarr)
     store_format: str | None = None
     codec: str = "fp16"
     views: int = 1
@@ -174,7 +174,7 @@ class ShardWriterThread(threading.Thread):
             raise self.error
 
 
-def extract(cfg: ExtractConfig) -> Path:
+def extract(cfg: ExtractConfig) -> Path | str:
     """Extract the teacher's FPN features of ``cfg.split`` into the store at ``cfg.out``; returns its path.
 
     Under torchrun each rank extracts the shards ``k % world_size == rank`` (never two writers on
@@ -229,7 +229,7 @@ def extract(cfg: ExtractConfig) -> Path:
     if ranks.is_main:
         writer.finalize()
     barrier(ranks)
-    return Path(cfg.out)
+    return cfg.out if "://" in str(cfg.out) else Path(cfg.out)
 
 
 @torch.inference_mode()

@@ -16,12 +16,12 @@ from storage import Sample, StoreError, open_store
 from storage.base import StoreReader
 
 
-def store_views(path: Path) -> list[View]:
+def store_views(path: Path | str) -> list[View]:
     """The views a store was extracted with: training replays exactly these."""
     return [View.from_dict(view) for view in open_store(str(path)).manifest.views]
 
 
-def check_store_fits(path: Path, dataset: CocoDetection, student: FeatureDetector) -> StoreReader:
+def check_store_fits(path: Path | str, dataset: CocoDetection, student: FeatureDetector) -> StoreReader:
     """Open the store and refuse it, naming what differs, unless it was made from this data for this student.
 
     Checked: annotation file hash, split, image ids (less the images the store skipped, which are
@@ -76,9 +76,9 @@ class StoreJoinedDataset(Dataset):
     ``skip_damaged`` a sample the store cannot read comes back as ``{"skipped": reason, ...}``.
     """
 
-    def __init__(self, dataset: CocoDetection, store_path: Path, *, skip_damaged: bool = False) -> None:
+    def __init__(self, dataset: CocoDetection, store_path: Path | str, *, skip_damaged: bool = False) -> None:
         self.dataset = dataset
-        self.store_path = Path(store_path)
+        self.store_path = store_path  # a local path or a URL (s3://...): Path() would mangle a URL
         self.skip_damaged = skip_damaged
         self._store: StoreReader | None = None
 
@@ -107,9 +107,9 @@ class StoreStream(IterableDataset):
     One epoch yields every image once. ``set_epoch`` works as on a sampler.
     """
 
-    def __init__(self, dataset: CocoDetection, store_path: Path, *, seed: int = 0, shuffle_buffer: int = 256,
+    def __init__(self, dataset: CocoDetection, store_path: Path | str, *, seed: int = 0, shuffle_buffer: int = 256,
                  rank: int = 0, num_replicas: int = 1, skip_damaged: bool = False) -> None:
-        self.dataset, self.store_path = dataset, Path(store_path)
+        self.dataset, self.store_path = dataset, store_path
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.rank, self.num_replicas = rank, num_replicas
         self.skip_damaged = skip_damaged
@@ -137,7 +137,7 @@ class StoreStream(IterableDataset):
         generator = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{0 if info is None else info.id}")
         buffer: list[dict] = []
         for sample in self._samples(store):
-            if "skipped" in sample:
+            if isinstance(sample, dict):  # a damaged-shard marker
                 yield sample
                 continue
             index = image_index.get(sample.image_id)

@@ -57,7 +57,7 @@ class TrainConfig:
     resume: bool = False
     checkpoint_every: int = 200
     eval_every: int = 0
-    features: Path | None = None
+    features: str | Path | None = None  # a local store path or an fsspec URL (s3://bucket/f.zarr)
     teacher: str | None = None
     teacher_checkpoint: Path | None = None
     random_init: bool = False

@@ -22,7 +22,7 @@ MIN_PEARSON_R = {"fp32": 0.99999, "fp16": 0.9999, "int8": 0.999}
 
 @dataclass
 class VerifyConfig:
-    store: Path = Path("features/train.zarr")
+    store: str = "features/train.zarr"  # a path or an fsspec URL
     data: Path = Path("data/synth")
     checkpoint: Path | None = None
     samples: int = 4

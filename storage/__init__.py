@@ -1,6 +1,8 @@
 """The feature store: teacher FPN features on disk (zarr or WebDataset), with a manifest and codecs.
 
-Imports only numpy, zarr, numcodecs, webdataset and the standard library, so a store can be
+A store lives at a local path or an fsspec URL (``s3://bucket/features.zarr``; for S3 the endpoint and
+credentials come from ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``).
+Imports only numpy, zarr, numcodecs, webdataset, fsspec and the standard library, so a store can be
 read without the training code. Nothing is ever unpickled from a store.
 """
 

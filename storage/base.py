@@ -1,19 +1,20 @@
 """What both store formats share: the writer and reader interfaces, sample validation, completion and finalize.
 
 A format subclasses ``StoreWriter`` (implementing ``_write_shard_files``) and ``StoreReader``
-(implementing ``read``, ``_iter_shard``, ``shard_paths``, ``_shard_sha256`` and ``bytes_on_disk``).
+(implementing ``read``, ``_iter_shard``, ``_shard_files``, ``_shard_sha256`` and ``bytes_on_disk``).
+Both work on a ``Location``: a local directory or an fsspec URL (``s3://bucket/f.zarr``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import numpy as np
 
 from storage.codecs import CODECS, Codec
 from storage.errors import StoreError
-from storage.files import MANIFEST_NAME, atomic_write_bytes, marker_path, read_markers, write_marker
+from storage.files import (MANIFEST_NAME, Location, atomic_write_bytes, marker_name, read_markers, remove_file,
+                           write_marker)
 from storage.manifest import Manifest, ShardRecord
 from storage.sample import Sample
 
@@ -21,14 +22,15 @@ from storage.sample import Sample
 class StoreWriter:
     """Writes shards of one store; several processes may write disjoint shards of the same store."""
 
-    def __init__(self, root: Path, manifest: Manifest) -> None:
-        self.root = Path(root)
+    def __init__(self, location: Location, manifest: Manifest) -> None:
+        self.location = location
+        self.root = str(location)
         self.manifest = manifest
         self.codec: Codec = CODECS[manifest.codec]
 
     def completed_shards(self) -> set[int]:
         """Indices of shards whose data and marker are written (resume skips them)."""
-        return set(read_markers(self.root))
+        return set(read_markers(self.location))
 
     def write_shard(self, shard_index: int, samples: list[Sample]) -> ShardRecord:
         """Encode and write shard ``shard_index``; ``samples`` must be exactly ``manifest.shard_range(k)`` in order.
@@ -37,14 +39,14 @@ class StoreWriter:
         withdraws its marker.
         """
         self._validate(shard_index, samples)
-        marker_path(self.root, shard_index).unlink(missing_ok=True)
+        remove_file(self.location, marker_name(shard_index))
         sha256 = self._write_shard_files(shard_index, samples)
-        write_marker(self.root, shard_index, len(samples), sha256)
+        write_marker(self.location, shard_index, len(samples), sha256)
         return ShardRecord(index=shard_index, samples=len(samples), sha256=sha256)
 
     def finalize(self) -> Manifest:
         """Write ``manifest.json`` listing every shard (atomically); StoreError if any shard is missing."""
-        markers = read_markers(self.root)
+        markers = read_markers(self.location)
         missing = [k for k in range(self.manifest.n_shards) if k not in markers]
         if missing:
             shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
@@ -52,7 +54,7 @@ class StoreWriter:
                              f"({shown}): re-run extraction to resume it")
         self.manifest.shards = [ShardRecord(**markers[k]) for k in range(self.manifest.n_shards)]
         self.manifest._validate()
-        write_manifest(self.root, self.manifest)
+        write_manifest(self.location, self.manifest)
         return self.manifest
 
     def _write_shard_files(self, shard_index: int, samples: list[Sample]) -> str:
@@ -87,8 +89,9 @@ class StoreWriter:
 class StoreReader:
     """Reads a finalized store: random access by sample index, or streaming shard by shard."""
 
-    def __init__(self, root: Path, manifest: Manifest) -> None:
-        self.root = Path(root)
+    def __init__(self, location: Location, manifest: Manifest) -> None:
+        self.location = location
+        self.root = str(location)
         self.manifest = manifest
         self.codec: Codec = CODECS[manifest.codec]
         self._image_index: dict[int, int] | None = None
@@ -118,8 +121,8 @@ class StoreReader:
         return self._image_index[image_id] * self.manifest.n_views + view_index
 
     def shard_paths(self, k: int) -> list[str]:
-        """Paths of the files that make shard ``k``."""
-        raise NotImplementedError
+        """Paths of the files that make shard ``k`` (URLs for a remote store)."""
+        return [self.location.url(name) for name in self._shard_files(k)]
 
     def bytes_on_disk(self) -> dict:
         """{"levels": {stride: bytes of that level's feature data}, "total": bytes of the whole store}."""
@@ -133,7 +136,7 @@ class StoreReader:
             if k not in recorded:
                 problems.append(f"shard {k}: not listed in the manifest; re-run extraction")
                 continue
-            missing = [path for path in self.shard_paths(k) if not Path(path).is_file()]
+            missing = [self.location.url(name) for name in self._shard_files(k) if not self.location.isfile(name)]
             if missing:
                 problems.append(f"shard {k}: missing file {missing[0]}; re-extract the shard")
             elif (actual := self._shard_sha256(k)) != recorded[k].sha256:
@@ -143,6 +146,10 @@ class StoreReader:
         return problems
 
     def _iter_shard(self, k: int) -> Iterator[Sample]:
+        raise NotImplementedError
+
+    def _shard_files(self, k: int) -> list[str]:
+        """The files of shard ``k``, relative to the store root, in ``shard_paths`` order."""
         raise NotImplementedError
 
     def _shard_sha256(self, k: int) -> str:
@@ -169,17 +176,18 @@ class StoreReader:
         return self.codec.decode(parts)
 
 
-def write_manifest(root: Path, manifest: Manifest) -> None:
-    atomic_write_bytes(Path(root) / MANIFEST_NAME, manifest.to_json().encode())
+def write_manifest(location: Location, manifest: Manifest) -> None:
+    atomic_write_bytes(location, MANIFEST_NAME, manifest.to_json().encode())
 
 
-def read_manifest(root: Path) -> Manifest | None:
-    """The manifest at ``root``, or None if there is none."""
-    path = Path(root) / MANIFEST_NAME
-    if not path.is_file():
+def read_manifest(location: Location) -> Manifest | None:
+    """The manifest of the store at ``location``, or None if there is none."""
+    location.refresh()
+    if not location.isfile(MANIFEST_NAME):
         return None
+    path = location.url(MANIFEST_NAME)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = location.fs.cat_file(location.path(MANIFEST_NAME)).decode("utf-8")
     except UnicodeDecodeError as error:
         raise StoreError(f"manifest {path} is not UTF-8 text ({error}): the store is damaged; re-run extraction") \
             from None

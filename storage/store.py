@@ -1,30 +1,30 @@
-"""Opening and creating feature stores of either format (local paths)."""
+"""Opening and creating feature stores of either format, at a local path or an fsspec URL (``s3://...``)."""
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
-from pathlib import Path
+import os
 
 from storage.base import StoreReader, StoreWriter, read_manifest, write_manifest
 from storage.errors import StoreError
-from storage.files import MANIFEST_NAME
+from storage.files import MANIFEST_NAME, Location
 from storage.manifest import FORMATS, Manifest
 from storage.wds_store import WdsReader, create_wds
 from storage.zarr_store import ZarrReader, create_zarr
 
 
-def detect_format(path: str, fmt: str | None = None) -> str:
+def detect_format(path: str | os.PathLike, fmt: str | None = None) -> str:
     """The store format for ``path``: ``fmt`` if given, else "zarr" for a ``*.zarr`` name, else "wds" (tar shards)."""
     if fmt is not None:
         if fmt not in FORMATS:
             raise StoreError(f"unknown store format {fmt!r}: choose one of {', '.join(FORMATS)}")
         return fmt
-    return "zarr" if str(path).rstrip("/").endswith(".zarr") else "wds"
+    return "zarr" if os.fspath(path).rstrip("/").endswith(".zarr") else "wds"
 
 
-def create_store(path: str, manifest: Manifest, overwrite: bool = False) -> StoreWriter:
-    """A writer for a store at ``path`` in ``manifest.format``.
+def create_store(path: str | os.PathLike, manifest: Manifest, overwrite: bool = False) -> StoreWriter:
+    """A writer for a store at ``path`` (a local path or an fsspec URL such as ``s3://bucket/f.zarr``) in
+    ``manifest.format``.
 
     An existing store of the same job (``compatible_with`` finds no difference) is opened to
     resume; one of another job is refused unless ``overwrite`` wipes it. A path holding
@@ -32,41 +32,56 @@ def create_store(path: str, manifest: Manifest, overwrite: bool = False) -> Stor
     the store first; the others then make this same call, which opens it, and each writes its
     own shards; one process calls ``finalize`` after all are done.
     """
-    root = Path(path)
-    if root.exists() and not root.is_dir():
-        raise StoreError(f"{root} is a file, not a feature store: choose another output path")
-    if root.is_dir() and any(root.iterdir()):
-        if not (root / MANIFEST_NAME).is_file():
-            raise StoreError(f"{root} is not empty and holds no feature store: choose an empty or new output path")
+    location = Location(path)
+    try:
+        return _create(location, manifest, overwrite)
+    except OSError as error:  # unreachable endpoint, missing bucket, refused credentials, full disk
+        raise StoreError(f"cannot write the store at {location} ({type(error).__name__}: {error}): check the path, "
+                         "or for object storage the bucket, credentials and AWS_ENDPOINT_URL") from None
+
+
+def _create(location: Location, manifest: Manifest, overwrite: bool) -> StoreWriter:
+    fs, root = location.fs, location.root
+    location.refresh()
+    if fs.isfile(root):
+        raise StoreError(f"{location} is a file, not a feature store: choose another output path")
+    if fs.isdir(root) and fs.ls(root, detail=False):
+        if not location.isfile(MANIFEST_NAME):
+            raise StoreError(f"{location} is not empty and holds no feature store: choose an empty or new output path")
         try:
-            existing = read_manifest(root)
+            existing = read_manifest(location)
         except StoreError as error:
             if not overwrite:
-                raise StoreError(f"store at {root} has a damaged manifest ({error}): pass --overwrite to replace it") \
-                    from None
+                raise StoreError(f"store at {location} has a damaged manifest ({error}): pass --overwrite to replace "
+                                 "it") from None
             existing = None
         if overwrite:
-            shutil.rmtree(root)
+            fs.rm(root, recursive=True)
         else:
             differences = existing.compatible_with(manifest)
             if differences:
-                raise StoreError(f"store at {root} was written by another job (store vs this run: "
+                raise StoreError(f"store at {location} was written by another job (store vs this run: "
                                  f"{'; '.join(differences)}): pass --overwrite to replace it, or choose another path")
     manifest = dataclasses.replace(manifest, shards=[])
-    root.mkdir(parents=True, exist_ok=True)
-    if not (root / MANIFEST_NAME).is_file():
-        write_manifest(root, manifest)
+    if location.is_local:  # an object store has no directories to make
+        fs.makedirs(root, exist_ok=True)
+    if not location.isfile(MANIFEST_NAME):
+        write_manifest(location, manifest)
     # Both creators are idempotent: resuming a store whose creation was interrupted completes it.
-    return create_zarr(root, manifest) if manifest.format == "zarr" else create_wds(root, manifest)
+    return create_zarr(location, manifest) if manifest.format == "zarr" else create_wds(location, manifest)
 
 
-def open_store(path: str) -> StoreReader:
-    """A reader for the finalized store at ``path`` (format read from its manifest)."""
-    root = Path(path)
-    manifest = read_manifest(root) if root.is_dir() else None
+def open_store(path: str | os.PathLike) -> StoreReader:
+    """A reader for the finalized store at ``path``, a local path or an fsspec URL (format read from its manifest)."""
+    location = Location(path)
+    try:
+        manifest = read_manifest(location)
+    except OSError as error:
+        raise StoreError(f"cannot read the store at {location} ({type(error).__name__}: {error}): check the path, "
+                         "or for object storage the bucket, credentials and AWS_ENDPOINT_URL") from None
     if manifest is None:
-        raise StoreError(f"no feature store at {root}: run `pkd-offline extract` first")
+        raise StoreError(f"no feature store at {location}: run `pkd-offline extract` first")
     if len(manifest.shards) != manifest.n_shards:
-        raise StoreError(f"feature store at {root} is unfinished ({len(manifest.shards)} of {manifest.n_shards} "
+        raise StoreError(f"feature store at {location} is unfinished ({len(manifest.shards)} of {manifest.n_shards} "
                          "shards in its manifest): re-run `pkd-offline extract` to resume it")
-    return ZarrReader(root, manifest) if manifest.format == "zarr" else WdsReader(root, manifest)
+    return ZarrReader(location, manifest) if manifest.format == "zarr" else WdsReader(location, manifest)

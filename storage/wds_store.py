@@ -1,7 +1,9 @@
 """The WebDataset store format: a directory of plain POSIX tar shards, streamed sequentially.
 
-Layout of ``X/``: ``shard-{k:06d}.tar`` (written with webdataset's TarWriter, mtime 0 so equal
-content gives equal bytes), ``shards/{k:06d}.json`` markers and ``manifest.json``. A sample
+Layout of ``X/`` (a local directory or an fsspec URL prefix such as ``s3://bucket/shards/``):
+``shard-{k:06d}.tar`` (written with webdataset's TarWriter to a local temporary file, mtime 0 so
+equal content gives equal bytes, then renamed into place or uploaded in one piece),
+``shards/{k:06d}.json`` markers and ``manifest.json``. A sample
 is the member group with key ``{index:09d}``:
 
 - ``meta.json``: {"image_id", "view_index", "image_hw": [h, w] pixels,
@@ -19,20 +21,19 @@ manifest's largest map; pickle-capable members (.pyd, .pickle, .pkl, .pth, .pt) 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
-import os
 import re
 import tarfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 from numcodecs import Zstd
 
 from storage.base import StoreReader, StoreWriter
 from storage.errors import StoreError
-from storage.files import sha256_file
+from storage.files import Location, sha256_file, sha256_local_file, staged_file
 from storage.manifest import Manifest
 from storage.sample import Sample
 
@@ -48,18 +49,27 @@ def shard_name(k: int) -> str:
     return f"shard-{k:06d}.tar"
 
 
-def create_wds(root: Path, manifest: Manifest) -> WdsWriter:
-    """Create an empty WebDataset store directory at ``root``."""
-    root.mkdir(parents=True, exist_ok=True)
-    return WdsWriter(root, manifest)
+def create_wds(location: Location, manifest: Manifest) -> WdsWriter:
+    """Open a writer for the (possibly empty) WebDataset store at ``location``."""
+    return WdsWriter(location, manifest)
 
 
-def _open_tar(path: Path, mode: str) -> tarfile.TarFile:
-    """Open a shard tar ("r:" random access, "r|" streaming); StoreError naming it if missing or unreadable."""
+@contextlib.contextmanager
+def _open_tar(location: Location, name: str, mode: str) -> Iterator[tarfile.TarFile]:
+    """Open shard tar ``name`` ("r:" random access, "r|" streaming); StoreError naming it if missing or unreadable."""
+    where = location.url(name)
     try:
-        return tarfile.open(path, mode)
-    except (tarfile.TarError, OSError, EOFError) as error:
-        raise StoreError(f"shard {path} cannot be opened ({error}): run `verify` and re-extract the shard") from None
+        handle = location.fs.open(location.path(name), "rb")
+    except OSError as error:
+        raise StoreError(f"shard {where} cannot be opened ({error}): run `verify` and re-extract the shard") from None
+    with handle:
+        try:
+            tar = tarfile.open(fileobj=handle, mode=mode)
+        except (tarfile.TarError, OSError, EOFError) as error:
+            raise StoreError(f"shard {where} cannot be opened ({error}): run `verify` and re-extract the shard") \
+                from None
+        with tar:
+            yield tar
 
 
 def _zstd_frame_size(data: bytes) -> int | None:
@@ -101,26 +111,19 @@ def _refuse_pickle(name: str, where: str) -> None:
 
 
 class WdsWriter(StoreWriter):
-    """Writes one tar per store shard: to ``shard-k.tar.tmp``, then renamed (a shard is complete or absent)."""
+    """Writes one tar per store shard to a local temporary file, then renames or uploads it (complete or absent)."""
 
     def _write_shard_files(self, shard_index: int, samples: list[Sample]) -> str:
         # Imported here, not at module level: importing webdataset imports torch when torch is
         # installed, and reading a store must not need (or load) the training stack.
         from webdataset import TarWriter
 
-        final = self.root / shard_name(shard_index)
-        temporary = final.with_name(final.name + ".tmp")
-        try:
+        with staged_file(self.location, shard_name(shard_index)) as temporary:
             with open(temporary, "wb") as handle:
                 with TarWriter(handle, encoder=False, mtime=0) as writer:
                     for sample in samples:
                         writer.write(self._members(sample))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, final)
-        finally:
-            temporary.unlink(missing_ok=True)
-        return sha256_file(final)
+            return sha256_local_file(temporary)
 
     def _members(self, sample: Sample) -> dict[str, bytes | str]:
         meta = {"image_id": int(sample.image_id), "view_index": int(sample.view_index),
@@ -147,52 +150,55 @@ class WdsReader(StoreReader):
 
     _CACHED_SHARDS = 16
 
-    def __init__(self, root: Path, manifest: Manifest) -> None:
-        super().__init__(root, manifest)
+    def __init__(self, location: Location, manifest: Manifest) -> None:
+        super().__init__(location, manifest)
         self._indexes: dict[int, dict[str, dict[str, tuple[int, int]]]] = {}
 
-    def shard_paths(self, k: int) -> list[str]:
-        return [str(self.root / shard_name(k))]
+    def _shard_files(self, k: int) -> list[str]:
+        return [shard_name(k)]
 
     def _shard_sha256(self, k: int) -> str:
-        return sha256_file(self.root / shard_name(k))
+        return sha256_file(self.location, shard_name(k))
 
     def read(self, index: int) -> Sample:
         self._check_index(index)
         k = index // self.manifest.samples_per_shard
-        path = self.root / shard_name(k)
+        path = self.location.url(shard_name(k))
         try:
             entry = self._shard_index(k).get(f"{index:09d}")
         except StoreError as error:
             raise StoreError(f"sample {index}: {error}") from None
         if entry is None:
             raise StoreError(f"shard {path} lacks sample {index}: run `verify` and re-extract the shard")
-        members = {}
-        with open(path, "rb") as handle:
-            for suffix, (offset, size) in entry.items():
-                handle.seek(offset)
-                members[suffix] = handle.read(size)
-                if len(members[suffix]) != size:
-                    raise StoreError(f"shard {path} is truncated at sample {index}: re-extract the shard")
+        # A sample's members are adjacent in the tar: one ranged read fetches them all.
+        start = min(offset for offset, _ in entry.values())
+        end = max(offset + size for offset, size in entry.values())
+        try:
+            block = self.location.fs.cat_file(self.location.path(shard_name(k)), start=start, end=end)
+        except OSError as error:
+            raise StoreError(f"shard {path} cannot be read at sample {index} ({error}): re-extract the shard") from None
+        if len(block) != end - start:
+            raise StoreError(f"shard {path} is truncated at sample {index}: re-extract the shard")
+        members = {suffix: block[offset - start: offset - start + size] for suffix, (offset, size) in entry.items()}
         return self._sample(index, members, f"sample {index} in {path}")
 
     def _shard_index(self, k: int) -> dict[str, dict[str, tuple[int, int]]]:
         if k not in self._indexes:
             if len(self._indexes) >= self._CACHED_SHARDS:
                 self._indexes.pop(next(iter(self._indexes)))
-            path = self.root / shard_name(k)
             index: dict[str, dict[str, tuple[int, int]]] = {}
-            for member in self._members_of(path, _open_tar(path, "r:")):
-                key, suffix = member.name.split(".", 1)
-                index.setdefault(key, {})[suffix] = (member.offset_data, member.size)
+            with _open_tar(self.location, shard_name(k), "r:") as tar:
+                for member in self._members_of(self.location.url(shard_name(k)), tar):
+                    key, suffix = member.name.split(".", 1)
+                    index.setdefault(key, {})[suffix] = (member.offset_data, member.size)
             self._indexes[k] = index
         return self._indexes[k]
 
     def _iter_shard(self, k: int) -> Iterator[Sample]:
-        path = self.root / shard_name(k)
+        path = self.location.url(shard_name(k))
         expected = iter(self.manifest.shard_range(k))
         key, members = None, {}
-        with _open_tar(path, "r|") as tar:
+        with _open_tar(self.location, shard_name(k), "r|") as tar:
             for member in self._members_of(path, tar):
                 member_key, suffix = member.name.split(".", 1)
                 if member_key != key and key is not None:
@@ -211,14 +217,14 @@ class WdsReader(StoreReader):
             raise StoreError(f"shard {path} ends early (truncated?): re-extract the shard")
 
     @staticmethod
-    def _next_index(expected: Iterator[int], key: str, path: Path) -> int:
+    def _next_index(expected: Iterator[int], key: str, path: str) -> int:
         index = next(expected, None)
         if index is None or key != f"{index:09d}":
             raise StoreError(f"shard {path} holds sample key {key!r} where sample {index} belongs: re-extract it")
         return index
 
     @staticmethod
-    def _members_of(path: Path, tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    def _members_of(path: str, tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
         """Regular-file members, each checked for a sample key and a non-pickle extension."""
         try:
             with tar:
@@ -279,11 +285,10 @@ class WdsReader(StoreReader):
         """Per level: bytes its members take in the tars (512-byte header plus padded data); total: all files."""
         levels = dict.fromkeys(self.manifest.strides, 0)
         for k in range(self.manifest.n_shards):
-            path = self.root / shard_name(k)
-            for member in self._members_of(path, _open_tar(path, "r:")):
-                match = _PART.match(member.name.split(".", 1)[1])
-                if match and int(match.group(1)) in levels:
-                    padded = -(-member.size // _TAR_BLOCK) * _TAR_BLOCK
-                    levels[int(match.group(1))] += _TAR_BLOCK + padded
-        total = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(self.root) for f in files)
-        return {"levels": levels, "total": total}
+            with _open_tar(self.location, shard_name(k), "r:") as tar:
+                for member in self._members_of(self.location.url(shard_name(k)), tar):
+                    match = _PART.match(member.name.split(".", 1)[1])
+                    if match and int(match.group(1)) in levels:
+                        padded = -(-member.size // _TAR_BLOCK) * _TAR_BLOCK
+                        levels[int(match.group(1))] += _TAR_BLOCK + padded
+        return {"levels": levels, "total": self.location.tree_bytes()}

@@ -15,15 +15,13 @@ file (zarr itself would read the fill value, zeros, in its place) and a sample w
 image id or view is not the one the manifest puts at its index.
 
 Store shard k is therefore exactly one file per array (``<array>/c/k/0/...``), so processes
-writing different shards never touch the same file. zarr 3's LocalStore writes each file
-through a temporary ``*.partial`` name and renames it, so a single file is never torn; a
-store shard spans many files, hence the marker, written last.
+writing different shards never touch the same file. A single file is never torn: zarr 3's
+LocalStore writes it through a temporary ``*.partial`` name and renames it, and on an object
+store (a URL root: zarr's FsspecStore) it is one PUT. A store shard spans many files, hence
+the marker, written last.
 """
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import numpy as np
 import zarr
@@ -32,7 +30,7 @@ from zarr.codecs import ZstdCodec
 from storage.base import StoreReader, StoreWriter
 from storage.codecs import CODECS
 from storage.errors import StoreError
-from storage.files import sha256_files
+from storage.files import Location, sha256_files
 from storage.manifest import Manifest
 from storage.sample import Sample
 
@@ -56,9 +54,10 @@ def array_specs(manifest: Manifest) -> dict[str, tuple[np.dtype, tuple[int, ...]
     return specs
 
 
-def create_zarr(root: Path, manifest: Manifest) -> ZarrWriter:
-    """Create the store's arrays at ``root`` where absent (so an interrupted creation completes) and open it."""
-    group = zarr.open_group(str(root), mode="a", zarr_format=3)
+def create_zarr(location: Location, manifest: Manifest) -> ZarrWriter:
+    """Create the store's arrays at ``location`` where absent (so an interrupted creation completes) and open it."""
+    # zarr opens a local path with its LocalStore and a URL with its FsspecStore (same fsspec settings as ours).
+    group = zarr.open_group(location.url(), mode="a", zarr_format=3)
     for name, (dtype, shape, shards) in array_specs(manifest).items():
         if name in group:
             continue
@@ -66,15 +65,15 @@ def create_zarr(root: Path, manifest: Manifest) -> ZarrWriter:
         chunks = (1, *shape[1:]) if shards else (per_shard, *shape[1:])
         group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards, fill_value=0,
                            compressors=ZstdCodec(level=_ZSTD_LEVEL, checksum=True))
-    return ZarrWriter(root, manifest)
+    return ZarrWriter(location, manifest)
 
 
 class ZarrWriter(StoreWriter):
     """Writes store shards of a zarr store created by ``create_zarr``."""
 
-    def __init__(self, root: Path, manifest: Manifest) -> None:
-        super().__init__(root, manifest)
-        self.group = zarr.open_group(str(root), mode="r+", zarr_format=3)
+    def __init__(self, location: Location, manifest: Manifest) -> None:
+        super().__init__(location, manifest)
+        self.group = zarr.open_group(location.url(), mode="r+", zarr_format=3)
         # write_empty_chunks is runtime configuration, not stored: without it an all-zero shard
         # (e.g. view_index with one view) would leave no file, and the shard's file set would vary.
         self.arrays = {name: self.group[name].with_config({"write_empty_chunks": True})
@@ -106,7 +105,7 @@ class ZarrWriter(StoreWriter):
         self.arrays["feature_hw"][rows] = np.array(
             [[np.shape(s.features[stride])[1:] for stride in manifest.strides] for s in samples], np.int32
         ).reshape(n, len(manifest.levels), 2)
-        return sha256_files(self.root, shard_files(self.group, manifest, shard_index))
+        return sha256_files(self.location, shard_files(self.group, manifest, shard_index))
 
 
 def shard_files(group: zarr.Group, manifest: Manifest, shard_index: int) -> list[str]:
@@ -123,10 +122,11 @@ class ZarrReader(StoreReader):
 
     _CACHED_SHARDS = 16
 
-    def __init__(self, root: Path, manifest: Manifest) -> None:
-        super().__init__(root, manifest)
+    def __init__(self, location: Location, manifest: Manifest) -> None:
+        super().__init__(location, manifest)
+        root = self.root
         try:
-            self.group = zarr.open_group(str(root), mode="r", zarr_format=3)
+            self.group = zarr.open_group(location.url(), mode="r", zarr_format=3)
         except Exception as error:  # zarr raises several types for a damaged group
             raise StoreError(f"{root} is not a readable zarr v3 store ({error}): re-run extraction") from None
         self.arrays: dict[str, zarr.Array] = {}
@@ -196,7 +196,7 @@ class ZarrReader(StoreReader):
             if len(self._metadata) >= self._CACHED_SHARDS:
                 self._metadata.pop(next(iter(self._metadata)))
             span = self.manifest.shard_range(k)
-            missing = [path for path in self.shard_paths(k) if not os.path.isfile(path)]
+            missing = [self.location.url(name) for name in self._shard_files(k) if not self.location.isfile(name)]
             if missing:
                 raise StoreError(f"shard {k} of {self.root} lacks file {missing[0]} (samples {span.start}.."
                                  f"{span.stop - 1}): run `verify` and re-extract the shard")
@@ -207,16 +207,12 @@ class ZarrReader(StoreReader):
                                  "run `verify` and re-extract the shard") from None
         return self._metadata[k]
 
-    def shard_paths(self, k: int) -> list[str]:
-        return [str(self.root / path) for path in sorted(shard_files(self.group, self.manifest, k))]
+    def _shard_files(self, k: int) -> list[str]:
+        return sorted(shard_files(self.group, self.manifest, k))
 
     def _shard_sha256(self, k: int) -> str:
-        return sha256_files(self.root, shard_files(self.group, self.manifest, k))
+        return sha256_files(self.location, self._shard_files(k))
 
     def bytes_on_disk(self) -> dict:
-        levels = {stride: _tree_bytes(self.root / f"s{stride}") for stride in self.manifest.strides}
-        return {"levels": levels, "total": _tree_bytes(self.root)}
-
-
-def _tree_bytes(root: Path) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
+        levels = {stride: self.location.tree_bytes(f"s{stride}") for stride in self.manifest.strides}
+        return {"levels": levels, "total": self.location.tree_bytes()}
