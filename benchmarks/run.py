@@ -239,6 +239,25 @@ def bench_scale(args, work: Path, checkpoint: Path) -> dict:
     return figures
 
 
+def bench_ranks(args, work: Path, checkpoint: Path) -> dict:
+    """Whole-command extraction wall time with 1 process and with 2 under torchrun (same data, same store)."""
+    data = work / f"scale{4 if (work / 'scale4').exists() else 1}"
+    figures = {}
+    for nproc in (1, 2):
+        launcher = [sys.executable, "-m", "pkd_offline"] if nproc == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611",
+            "-m", "pkd_offline"]
+        command = [*launcher, "extract", "--teacher", "swin", "--checkpoint", str(checkpoint), "--variant", args.variant,
+                   "--data", str(data), "--out", str(work / f"ranks{nproc}.zarr"), "--short-side", str(args.image_size),
+                   "--max-size", str(args.image_size), "--codec", DEFAULT_CODEC, "--views", "2", "--workers", "1",
+                   "--device", args.device, "--samples-per-shard", "16", "--no-progress", "--overwrite"]
+        tick = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        figures[f"{nproc}_process"] = time.perf_counter() - tick
+    figures["speedup_2_over_1"] = figures["1_process"] / figures["2_process"]
+    return figures
+
+
 def coco_projection(codecs: dict, levels: dict[str, list[int]]) -> dict:
     """Projected store size (GB) for COCO train2017 at 1333x800 per codec, level set and view count."""
     projection = {}
@@ -288,6 +307,8 @@ def main() -> None:
         print(f"extraction: {extraction}")
         scale = bench_scale(args, work, checkpoint)
         print(f"scale: {scale}")
+        ranks = bench_ranks(args, work, checkpoint)
+        print(f"extraction, 1 vs 2 processes (torchrun): {ranks}")
         projection = coco_projection(codecs, {"P2-P5 (index)": [4, 8, 16, 32], "P3-P6 (stride)": [8, 16, 32, 64]})
         print("COCO train2017 projection (GB): " + ", ".join(f"{k}: {v:.0f}" for k, v in projection.items()))
     offline = max(steps[k] for k in steps if k.startswith("offline_"))
@@ -299,7 +320,7 @@ def main() -> None:
         "bytes_ratio_default_codec_over_fp32": codecs[DEFAULT_CODEC]["ratio_to_fp32"],
         "min_r_default_codec": min(codecs[DEFAULT_CODEC]["min_r_per_level"].values()),
         "default_codec": DEFAULT_CODEC, "step_seconds": steps, "extraction": extraction, "read": reads,
-        "scale": scale, "coco_projection_gb": projection,
+        "scale": scale, "ranks": ranks, "coco_projection_gb": projection,
         "codecs": {k: v for k, v in codecs.items() if isinstance(v, dict)},
     }
     print(json.dumps(summary, default=float))

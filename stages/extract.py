@@ -75,7 +75,8 @@ def parse_levels(levels: str | None, teacher_strides: tuple[int, ...]) -> list[i
 
 
 class ExtractionItems(Dataset):
-    """``dataset[(image_index, view_index)]`` reduced to what extraction needs (image, ids, optional bytes)."""
+    """``dataset[(image_index, view_index)]``; with ``with_images`` also ``extras``: the image file's bytes
+    and ``target.json`` (boxes in the view's pixels, labels), so a WebDataset store can feed training alone."""
 
     def __init__(self, dataset: CocoDetection, with_images: bool) -> None:
         self.dataset, self.with_images = dataset, with_images
@@ -105,7 +106,10 @@ def readable_images(dataset: CocoDetection, workers: int) -> tuple[list[int], li
 
     good, skipped = [], []
     for image_id, reason in DataLoader(Probe(), batch_size=None, num_workers=workers):
-        (skipped.append({"image_id": image_id, "reason": reason}) if reason else good.append(image_id))
+        if reason:
+            skipped.append({"image_id": image_id, "reason": reason})
+        else:
+            good.append(image_id)
     return good, skipped
 
 
