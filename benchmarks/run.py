@@ -199,22 +199,46 @@ def bench_steps(args, runs: dict) -> dict:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def bench_breakdown(args, runs: dict) -> dict:
+    """Where the offline step's extra time goes: the same preloaded batch (no DataLoader) stepped
+    without and with the PKD loss, so the difference is the loss alone; the rest of the offline
+    overhead in ``bench_steps`` is the data path (store reads and decoding in the workers)."""
+    device = torch.device(args.device)
+    batch = next_batch(runs["offline_zarr_int8"])
+    times: dict[str, list[float]] = {"model_only": [], "model_plus_pkd_loss": []}
+    model, optimizer = runs["offline_zarr_int8"]["model"], runs["offline_zarr_int8"]["optimizer"]
+    for round_index in range(args.rounds + 1):
+        for name, distill in (("model_only", None), ("model_plus_pkd_loss", runs["offline_zarr_int8"]["distill"])):
+            for _ in range(args.steps):
+                tick = time.perf_counter()
+                training_step(model, batch, optimizer, device=device, distill=distill, size_divisor=32)
+                if round_index > 0:
+                    times[name].append(time.perf_counter() - tick)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    medians["pkd_loss_over_model_only"] = medians["model_plus_pkd_loss"] / medians["model_only"]
+    return medians
+
+
 def bench_read(args, data: Path, stores: dict[str, Path], seconds_per_step: float) -> dict:
-    """Samples/s a DataLoader with the default workers delivers from each store, vs the student's consumption."""
+    """Samples/s a DataLoader with the default workers delivers from each store (images decoded and
+    replayed too, as training needs them; ``images_only`` without a store), vs the student's consumption."""
     consumption = args.batch_size / seconds_per_step
     rates = {}
-    for name, path in stores.items():
-        dataset = CocoDetection(data, "train", store_views(path))
-        source = StoreStream(dataset, path) if name.startswith("wds") else StoreJoinedDataset(dataset, path)
+    for name, path in {"images_only": None, **stores}.items():
+        dataset = CocoDetection(data, "train", store_views(next(iter(stores.values()))))
+        source = dataset if path is None else (
+            StoreStream(dataset, path) if name.startswith("wds") else StoreJoinedDataset(dataset, path))
         sampler = None if name.startswith("wds") else ViewSampler(len(dataset), len(dataset.views), seed=0)
         loader = DataLoader(source, batch_size=args.batch_size, sampler=sampler, collate_fn=collate,
                             num_workers=args.workers)
         tick, count = time.perf_counter(), 0
-        for batch in loader:
-            count += len(batch)
+        for rounds in range(3):  # several epochs: worker start-up is not the rate
+            for batch in loader:
+                count += len(batch)
         rates[name] = count / (time.perf_counter() - tick)
+    stored = {k: v for k, v in rates.items() if k != "images_only"}
     return {"consumption_samples_per_s": consumption, "read_samples_per_s": rates,
-            "read_rate_over_consumption": min(rates.values()) / consumption}
+            "read_rate_over_consumption": min(stored.values()) / consumption}
 
 
 def bench_scale(args, work: Path, checkpoint: Path) -> dict:
@@ -298,8 +322,12 @@ def main() -> None:
         stores = {"zarr_int8": work / f"codec-{DEFAULT_CODEC}.zarr"}
         stores["wds_int8"] = extract(extract_config(args, data, work / "wds", checkpoint, codec=DEFAULT_CODEC))
         stores["zarr_fp16"] = work / "codec-fp16.zarr"
-        steps = bench_steps(args, make_runs(args, data, checkpoint, {k: stores[k] for k in ("zarr_int8", "wds_int8")}))
+        runs = make_runs(args, data, checkpoint, {k: stores[k] for k in ("zarr_int8", "wds_int8")})
+        steps = bench_steps(args, runs)
         print("\nstep time (median s, data loading included): " + ", ".join(f"{k} {v:.3f}" for k, v in steps.items()))
+        breakdown = bench_breakdown(args, runs)
+        print(f"step breakdown on one preloaded batch (median s): {breakdown}")
+        del runs
         reads = bench_read(args, data, stores, steps["offline_zarr_int8"])
         print(f"store read rate (samples/s, {args.workers} workers): {reads['read_samples_per_s']}; "
               f"student consumes {reads['consumption_samples_per_s']:.1f}")
@@ -319,7 +347,7 @@ def main() -> None:
         "read_rate_over_consumption": reads["read_rate_over_consumption"],
         "bytes_ratio_default_codec_over_fp32": codecs[DEFAULT_CODEC]["ratio_to_fp32"],
         "min_r_default_codec": min(codecs[DEFAULT_CODEC]["min_r_per_level"].values()),
-        "default_codec": DEFAULT_CODEC, "step_seconds": steps, "extraction": extraction, "read": reads,
+        "default_codec": DEFAULT_CODEC, "step_seconds": steps, "step_breakdown": breakdown, "extraction": extraction, "read": reads,
         "scale": scale, "ranks": ranks, "coco_projection_gb": projection,
         "codecs": {k: v for k, v in codecs.items() if isinstance(v, dict)},
     }
