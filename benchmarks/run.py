@@ -42,7 +42,7 @@ from storage import describe, open_store  # noqa: E402
 
 DEFAULT_CODEC = "int8"
 COCO_TRAIN_IMAGES = 117_266
-COCO_PIXELS = 800 * 1333 * 0.83  # mean resized area: short side 800, aspect ratios of COCO (about 0.83 of 800x1333)
+COCO_PIXELS = 800 * 1067  # the typical COCO image (640x480) resized to short side 800, as the recipe does
 
 
 def teacher_checkpoint(args, data: Path, work: Path) -> Path:
@@ -282,13 +282,14 @@ def bench_ranks(args, work: Path, checkpoint: Path) -> dict:
     return figures
 
 
-def coco_projection(codecs: dict, levels: dict[str, list[int]]) -> dict:
-    """Projected store size (GB) for COCO train2017 at 1333x800 per codec, level set and view count."""
+def coco_projection(codecs: dict, levels: dict[str, list[int]], channels: int, coco_channels: int = 256) -> dict:
+    """Projected store size (GB) for COCO train2017 at 1333x800 with a 256-channel FPN teacher, per
+    codec, level set and view count, from the bytes per pixel per channel measured here."""
     projection = {}
     for codec in ("fp32", "fp16", "int8"):
         per_pixel = codecs[codec]["bytes_per_pixel_per_level"]
         for level_name, strides in levels.items():
-            bytes_per_image = sum(per_pixel[s] for s in strides) * COCO_PIXELS
+            bytes_per_image = sum(per_pixel[s] for s in strides) / channels * coco_channels * COCO_PIXELS
             for views in (1, 2):
                 projection[f"{codec} {level_name} views={views}"] = bytes_per_image * views * COCO_TRAIN_IMAGES / 1e9
     return projection
@@ -337,7 +338,9 @@ def main() -> None:
         print(f"scale: {scale}")
         ranks = bench_ranks(args, work, checkpoint)
         print(f"extraction, 1 vs 2 processes (torchrun): {ranks}")
-        projection = coco_projection(codecs, {"P2-P5 (index)": [4, 8, 16, 32], "P3-P6 (stride)": [8, 16, 32, 64]})
+        channels = open_store(str(stores["zarr_int8"])).manifest.levels[0].channels
+        projection = coco_projection(codecs, {"P2-P5 (index)": [4, 8, 16, 32], "P3-P6 (stride)": [8, 16, 32, 64]},
+                                     channels)
         print("COCO train2017 projection (GB): " + ", ".join(f"{k}: {v:.0f}" for k, v in projection.items()))
     offline = max(steps[k] for k in steps if k.startswith("offline_"))
     summary = {
