@@ -123,11 +123,11 @@ def train_steps(model: FeatureDetector, loader, sampler, optimizer: torch.optim.
     with open(log_path, "a") as log:
         while state.iteration < total_iters:
             sampler.set_epoch(state.epoch)
-            batches = iter(loader) if not hasattr(sampler, "skip") else None
-            if batches is None:  # a sampler skips the keys a resumed run already saw
+            if hasattr(sampler, "skip"):  # a sampler skips the keys a resumed run already saw
                 sampler.skip = state.step_in_epoch * loader.batch_size
                 batches = iter(loader)
             else:  # a stream replays its epoch and drops the batches already seen
+                batches = iter(loader)
                 for _ in range(state.step_in_epoch):
                     next(batches, None)
             tick = time.perf_counter()

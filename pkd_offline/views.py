@@ -63,6 +63,11 @@ def padded_size(height: int, width: int, size_divisor: int) -> tuple[int, int]:
     return (math.ceil(height / size_divisor) * size_divisor, math.ceil(width / size_divisor) * size_divisor)
 
 
+def view_padded_size(height: int, width: int, view: View) -> tuple[int, int]:
+    """(h, w) px an image of ``height`` x ``width`` px occupies after the view's resize and its own padding."""
+    return padded_size(*resized_size(height, width, view), view.size_divisor)
+
+
 def apply_view(image: Tensor, target: dict[str, Tensor] | None, view: View) -> tuple[Tensor, dict[str, Tensor] | None]:
     """Apply ``view`` to an image and its target together.
 

@@ -25,7 +25,7 @@ from pkd_offline.data import CocoDetection, collate, file_sha256, read_image
 from pkd_offline.distributed import barrier, init_ranks, resolve_device
 from pkd_offline.errors import PkdError
 from pkd_offline.pyramid import level_size
-from pkd_offline.views import View, make_views, padded_size, resized_size
+from pkd_offline.views import View, make_views, view_padded_size
 from stages.teachers import load_teacher
 from storage import LevelSpec, Manifest, Sample, create_store, detect_format
 
@@ -118,7 +118,7 @@ def level_specs(dataset: CocoDetection, views: list[View], strides: list[int], c
     largest = (0, 0)
     for image_id in dataset.image_ids:
         for view in views:
-            hw = padded_size(*resized_size(*dataset.original_hw(image_id), view), view.size_divisor)
+            hw = view_padded_size(*dataset.original_hw(image_id), view)
             largest = (max(largest[0], hw[0]), max(largest[1], hw[1]))
     return [LevelSpec(s, channels, *level_size(largest, s)) for s in strides]
 
@@ -131,9 +131,8 @@ def shard_batches(manifest: Manifest, shards: list[int], dataset: CocoDetection,
         groups: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
         for index in manifest.shard_range(k):
             image_index, view_index = divmod(index, manifest.n_views)
-            view = views[view_index]
-            hw = resized_size(*dataset.original_hw(dataset.image_ids[image_index]), view)
-            groups[padded_size(*hw, view.size_divisor)].append((image_index, view_index))
+            hw = view_padded_size(*dataset.original_hw(dataset.image_ids[image_index]), views[view_index])
+            groups[hw].append((image_index, view_index))
         for keys in groups.values():
             batches.extend(keys[i : i + batch_size] for i in range(0, len(keys), batch_size))
     return batches
