@@ -41,8 +41,8 @@ from stages.teachers import load_teacher  # noqa: E402
 from storage import describe, open_store  # noqa: E402
 
 DEFAULT_CODEC = "int8"
-COCO_TRAIN_IMAGES = 117_266
-COCO_PIXELS = 800 * 1067  # the typical COCO image (640x480) resized to short side 800, as the recipe does
+COCO_TRAIN_IMAGES = 118_287  # every image of instances_train2017.json: extract stores all of them, annotated or not
+COCO_PIXELS = 800 * 1067  # the typical COCO image (640x480) resized to short side 800 (1067x800), as the recipe does
 
 
 def teacher_checkpoint(args, data: Path, work: Path) -> Path:
@@ -283,8 +283,9 @@ def bench_ranks(args, work: Path, checkpoint: Path) -> dict:
 
 
 def coco_projection(codecs: dict, levels: dict[str, list[int]], channels: int, coco_channels: int = 256) -> dict:
-    """Projected store size (GB) for COCO train2017 at 1333x800 with a 256-channel FPN teacher, per
-    codec, level set and view count, from the bytes per pixel per channel measured here."""
+    """Projected store size (GB) for COCO train2017 (118,287 images, each resized to about 1067x800 px:
+    ``COCO_PIXELS``) with a 256-channel FPN teacher, per codec, level set and view count, from the bytes
+    per valid input pixel per channel measured here (so padding and zstd are as on the measured set)."""
     projection = {}
     for codec in ("fp32", "fp16", "int8"):
         per_pixel = codecs[codec]["bytes_per_pixel_per_level"]
@@ -293,6 +294,13 @@ def coco_projection(codecs: dict, levels: dict[str, list[int]], channels: int, c
             for views in (1, 2):
                 projection[f"{codec} {level_name} views={views}"] = bytes_per_image * views * COCO_TRAIN_IMAGES / 1e9
     return projection
+
+
+def bench_synth(work: Path) -> dict:
+    """Seconds to generate the default synthetic set (``SynthConfig()``: 64 train + 16 val images at 256 px)."""
+    tick = time.perf_counter()
+    synth(SynthConfig(out=work / "synth-default"))
+    return {"default_set_seconds": time.perf_counter() - tick, "images": 80}
 
 
 def main() -> None:
@@ -338,6 +346,8 @@ def main() -> None:
         print(f"scale: {scale}")
         ranks = bench_ranks(args, work, checkpoint)
         print(f"extraction, 1 vs 2 processes (torchrun): {ranks}")
+        synthetic = bench_synth(work)
+        print(f"synthetic data, default set (80 images at 256 px): {synthetic['default_set_seconds']:.2f} s")
         channels = open_store(str(stores["zarr_int8"])).manifest.levels[0].channels
         projection = coco_projection(codecs, {"P2-P5 (index)": [4, 8, 16, 32], "P3-P6 (stride)": [8, 16, 32, 64]},
                                      channels)
@@ -351,7 +361,7 @@ def main() -> None:
         "bytes_ratio_default_codec_over_fp32": codecs[DEFAULT_CODEC]["ratio_to_fp32"],
         "min_r_default_codec": min(codecs[DEFAULT_CODEC]["min_r_per_level"].values()),
         "default_codec": DEFAULT_CODEC, "step_seconds": steps, "step_breakdown": breakdown, "extraction": extraction, "read": reads,
-        "scale": scale, "ranks": ranks, "coco_projection_gb": projection,
+        "scale": scale, "ranks": ranks, "synth": synthetic, "coco_projection_gb": projection,
         "codecs": {k: v for k, v in codecs.items() if isinstance(v, dict)},
     }
     print(json.dumps(summary, default=float))

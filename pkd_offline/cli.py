@@ -13,12 +13,17 @@ from pathlib import Path
 
 from pkd_offline.config import load_params, make_config
 from pkd_offline.errors import PkdError
+from pkd_offline.weights_source import OFFLINE_ENV, offline_mode
+
+WEIGHTS = "a path or URL (https://, s3://, file://), URLs cached in $TORCH_HOME/hub/checkpoints"
 
 
 def _common(parser: argparse.ArgumentParser, section: str) -> None:
     parser.add_argument("--params", type=Path, help="YAML file of settings (flags win)")
     parser.add_argument("--section", default=section, help=f"section of --params to read (default: {section})")
     parser.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bars")
+    parser.add_argument("--offline", action="store_true", help=f"weight URLs only from the cache, never the network "
+                        f"(also {OFFLINE_ENV}=1)")
 
 
 def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
@@ -42,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract = commands.add_parser("extract", help="stage one: store the teacher's FPN features")
     _common(extract, "extract")
     extract.add_argument("--teacher")
-    extract.add_argument("--checkpoint", type=Path)
+    extract.add_argument("--checkpoint", help=f"teacher weights: {WEIGHTS}")
     _bool_flag(extract, "--random-init", "random teacher weights (seeded): smoke tests only")
     extract.add_argument("--variant", choices=("full", "tiny"))
     extract.add_argument("--data", type=Path)
@@ -52,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--codec")
     extract.add_argument("--views", type=int)
     extract.add_argument("--levels", help="pyramid levels to keep, e.g. 2,3,4,5 (P2 = stride 4)")
+    extract.add_argument("--layout", choices=("full", "projected"),
+                         help="projected: store each level as the PKD loss uses it at the paired student level")
+    extract.add_argument("--student-levels", dest="student_levels",
+                         help="with --layout projected: the student levels paired by index, e.g. 3,4,5,6")
     extract.add_argument("--short-side", dest="short_side", type=int)
     extract.add_argument("--max-size", dest="max_size", type=int)
     extract.add_argument("--batch-size", dest="batch_size", type=int)
@@ -67,9 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(train, "train")
     train.add_argument("--student", help="any detector name (teachers too)")
     train.add_argument("--backbone")
-    train.add_argument("--backbone-weights", dest="backbone_weights", type=Path,
-                       help="ImageNet weights of the backbone (a torchvision classification state dict file)")
+    train.add_argument("--backbone-weights", dest="backbone_weights",
+                       help=f"ImageNet weights of the backbone (a torchvision classification state dict): {WEIGHTS}")
     train.add_argument("--variant", choices=("full", "tiny"))
+    train.add_argument("--anchor-scale", dest="anchor_scale", type=float,
+                       help="RetinaNet anchor side / stride at the first octave (default 4 full, 2 tiny)")
+    train.add_argument("--head-norm", dest="head_norm", choices=("gn",), help="RetinaNet head GroupNorm (v2 head)")
     train.add_argument("--data", type=Path)
     train.add_argument("--split")
     train.add_argument("--val-split", dest="val_split")
@@ -94,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-every", dest="eval_every", type=int)
     train.add_argument("--features", help="feature store path or fsspec URL: offline PKD")
     train.add_argument("--teacher", help="teacher name: online PKD (with --checkpoint)")
-    train.add_argument("--checkpoint", dest="teacher_checkpoint", type=Path, help="the online teacher's weights")
+    train.add_argument("--checkpoint", dest="teacher_checkpoint", help=f"the online teacher's weights: {WEIGHTS}")
     _bool_flag(train, "--random-init", "random online-teacher weights: smoke tests only")
+    _bool_flag(train, "--online-per-image", "run the online teacher per image at its own padded size (offline's maps)")
     train.add_argument("--alpha", type=float)
     train.add_argument("--level-map", dest="level_map", choices=("index", "stride"))
     train.add_argument("--max-pairs", dest="max_pairs", type=int)
@@ -104,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="COCO box AP of a checkpoint")
     _common(evaluate, "eval")
-    evaluate.add_argument("--checkpoint", type=Path)
+    evaluate.add_argument("--checkpoint", help=f"a model.pt: {WEIGHTS}")
     evaluate.add_argument("--data", type=Path)
     evaluate.add_argument("--split")
     evaluate.add_argument("--out", type=Path, help="write the metrics JSON here")
@@ -120,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(verify, "verify")
     verify.add_argument("store")
     verify.add_argument("--data", type=Path)
-    verify.add_argument("--checkpoint", type=Path)
+    verify.add_argument("--checkpoint", help=f"the store's teacher weights: {WEIGHTS}")
     verify.add_argument("--samples", type=int)
     verify.add_argument("--device")
     verify.add_argument("--json", action="store_true")
@@ -180,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        return run(args)
+        with offline_mode(getattr(args, "offline", False)):
+            return run(args)
     except (PkdError, StoreError) as error:
         print(f"pkd-offline: error: {one_line(error)}", file=sys.stderr)
         return 2

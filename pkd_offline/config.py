@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import yaml
 
 from pkd_offline.errors import PkdError
+from pkd_offline.weights_source import is_url
 
 Config = TypeVar("Config")
 
@@ -41,8 +42,8 @@ def _coerce(value: Any, annotation: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(annotation) if a is not type(None)]
         return _coerce(value, inner[0])
-    if annotation is Path:
-        return Path(value)
+    if annotation is Path:  # a weights URL stays a string: Path would fold its "//"
+        return value if is_url(value) else Path(value)
     if annotation in (int, float, str, bool) and not isinstance(value, annotation):
         if annotation is bool:
             raise PkdError(f"expected true/false, got {value!r}")

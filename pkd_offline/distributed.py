@@ -18,6 +18,7 @@ class Ranks:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    launched: bool = False  # started by torchrun: a process group exists, even for one process
 
     @property
     def is_main(self) -> bool:
@@ -25,15 +26,21 @@ class Ranks:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.launched
 
 
 def init_ranks(device: torch.device) -> Ranks:
-    """Join the process group torchrun describes in the environment (gloo on CPU, nccl on CUDA)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
+    """Join the process group torchrun describes in the environment (gloo on CPU, nccl on CUDA).
+
+    Under torchrun the group is joined even by a single process (as torchvision's references do), so
+    ``torchrun --nproc_per_node 1`` runs the same DDP, barrier and nccl path as many GPUs.
+    """
+    if "RANK" not in os.environ:
         return Ranks()
-    ranks = Ranks(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    ranks = Ranks(int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", "1")),
+                  int(os.environ.get("LOCAL_RANK", "0")), launched=True)
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.set_device(ranks.local_rank)  # nccl and barriers use this process's GPU, not GPU 0
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return ranks

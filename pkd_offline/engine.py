@@ -22,18 +22,22 @@ from tqdm import tqdm
 from pkd_offline.errors import PkdError
 from pkd_offline.loss import pkd_loss
 from pkd_offline.models import FeatureDetector
-from pkd_offline.pyramid import pad_teacher_maps, valid_masks
+from pkd_offline.projection import TeacherStatistics
+from pkd_offline.pyramid import pad_teacher_maps, projected_statistics, valid_masks
 from pkd_offline.views import padded_size
 
 
 @dataclass
 class Distillation:
     """How the PKD term is formed: (student_stride, teacher_stride) pairs, weight ``alpha`` per level,
-    and the online ``teacher`` (None: teacher maps come with each item as ``teacher_features``)."""
+    and the online ``teacher`` (None: teacher maps come with each item as ``teacher_features``).
+    ``per_image``: the online teacher runs on each image alone, at the image's own padded size, and its
+    maps are zero-padded to the batch like stored maps (the control for offline vs online)."""
 
     pairs: list[tuple[int, int]]
     alpha: float
     teacher: FeatureDetector | None = None
+    per_image: bool = False
 
 
 def batch_padded_hw(batch: list[dict], size_divisor: int) -> tuple[int, int]:
@@ -44,24 +48,37 @@ def batch_padded_hw(batch: list[dict], size_divisor: int) -> tuple[int, int]:
 
 
 def teacher_maps(batch: list[dict], images: list[Tensor], distill: Distillation, padded_hw: tuple[int, int],
-                 device: torch.device) -> dict[int, Tensor]:
-    """{teacher_stride: (N, C, H, W)} at the batch's padded size, from the store or an online forward."""
-    strides = [t for _, t in distill.pairs]
+                 device: torch.device, skip: frozenset[int] = frozenset()) -> dict[int, Tensor]:
+    """{teacher_stride: (N, C, H, W)} at the batch's padded size, from the store or an online forward
+    (strides in ``skip``, the levels a projected store holds as statistics, are left out)."""
+    strides = [t for _, t in distill.pairs if t not in skip]
     if distill.teacher is None:
         per_image = [{t: item["teacher_features"][t] for t in strides} for item in batch]
         return pad_teacher_maps(per_image, padded_hw, device)
     with torch.no_grad():
+        if distill.per_image:
+            per_image = [{t: maps[t][0].float() for t in strides}
+                         for maps, _ in (distill.teacher.features([image]) for image in images)]
+            return pad_teacher_maps(per_image, padded_hw, device)
         features, _ = distill.teacher.features(images)
     return {t: features[t].float() for t in strides}
 
 
 def distillation_loss(student_features: dict[int, Tensor], batch: list[dict], images: list[Tensor],
                       distill: Distillation, size_divisor: int, device: torch.device) -> Tensor:
-    """``alpha * pkd_loss`` over the valid region of each image (scalar float32)."""
+    """``alpha * pkd_loss`` over the valid region of each image (scalar float32). Levels a projected store
+    holds (items with ``teacher_sums``) enter as their statistics, the others as maps."""
     padded_hw = batch_padded_hw(batch, size_divisor)
-    teacher = teacher_maps(batch, images, distill, padded_hw, device)
     student = {t: student_features[s] for s, t in distill.pairs}
+    stored_sums = batch[0].get("teacher_sums", {}) if distill.teacher is None else {}
+    projected = frozenset(t for _, t in distill.pairs if t in stored_sums)
+    teacher: dict[int, Tensor | TeacherStatistics] = dict(teacher_maps(batch, images, distill, padded_hw, device,
+                                                                       skip=projected))
     valid = valid_masks([item["image_hw"] for item in batch], padded_hw, list(teacher), device)
+    for t in projected:
+        per_image = [(item["teacher_features"][t], *item["teacher_sums"][t]) for item in batch]
+        teacher[t] = projected_statistics(per_image, [item["image_hw"] for item in batch], padded_hw, t,
+                                          tuple(student[t].shape[-2:]), device)
     return distill.alpha * pkd_loss(student, teacher, valid)
 
 

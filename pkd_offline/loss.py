@@ -3,73 +3,95 @@
 For each pyramid level both maps are normalised per channel to zero mean and unit variance over
 the batch and space (N, H, W), then ``mse(norm_s, norm_t) / 2`` is taken. With the population
 variance used here this equals ``1 - r`` averaged over channels, r being the Pearson correlation
-between student and teacher activations of that channel.
+between student and teacher activations of that channel. As in the official implementation,
+``EPS`` is added to each standard deviation.
 
 Offline stores hold images padded to a common batch size, so statistics and the mean are taken
 over the *valid* (unpadded) positions only: padding a batch does not change the loss.
+
+One code path: teacher maps are first reduced to :class:`TeacherStatistics` (the cross map
+``U^T (w * t)`` at the student's size and per-image sums), which is also what a projected store
+holds; the loss is then formed from these and the student map at the student's own resolution.
+Expanding the mse of the two standardised maps gives, per channel,
+``0.5 * (var_s / (std_s + EPS)^2 + var_t / (std_t + EPS)^2) - cov / ((std_s + EPS) * (std_t + EPS))``
+with ``std = sqrt(var + 1e-12)``: the same numbers as standardising, up to float rounding.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from pkd_offline.projection import TeacherStatistics, statistics_from_maps, student_operators, valid_rectangles
 
 EPS = 1e-6
 
 
-def _standardise(x: Tensor, weight: Tensor, count: Tensor) -> Tensor:
-    """Per-channel zero mean, unit variance over weighted (N, H, W); x (N, C, H, W), weight (N, 1, H, W)."""
-    mean = (x * weight).sum(dim=(0, 2, 3), keepdim=True) / count
-    centred = x - mean
-    var = (centred.square() * weight).sum(dim=(0, 2, 3), keepdim=True) / count
-    # eps on the std as in the official implementation; the tiny term under the root keeps the
-    # gradient finite for constant channels.
-    return centred / (torch.sqrt(var + 1e-12) + EPS)
-
-
-def pcc_loss(student: Tensor, teacher: Tensor, valid: Tensor | None = None) -> Tensor:
+def pcc_loss(student: Tensor, teacher: Tensor | TeacherStatistics, valid: Tensor | None = None) -> Tensor:
     """PKD loss for one level: ``1 - r`` averaged over channels, as a scalar float32 tensor.
 
     Args:
-        student: (N, C, Hs, Ws) student FPN map; bilinearly resized to the teacher's (H, W) if they differ.
-        teacher: (N, C, H, W) teacher FPN map; no gradient flows into it.
-        valid: optional bool (N, H, W) mask of unpadded positions at the teacher's size; statistics
-            and the mean are taken over these positions only.
+        student: (N, C, Hs, Ws) student FPN map; bilinearly resized (align_corners=False) to the
+            teacher's (H, W) in the loss's definition (the computation itself stays at (Hs, Ws)).
+        teacher: (N, C, H, W) teacher map (no gradient flows into it), or its statistics.
+        valid: for a teacher map, optional bool (N, H, W) mask of unpadded positions at the teacher's
+            size, one top-left rectangle per image; statistics and the mean are taken over these
+            positions only. Statistics carry their own valid rectangles.
     """
-    if student.shape[:2] != teacher.shape[:2]:
-        raise ValueError(
-            f"student map {tuple(student.shape)} and teacher map {tuple(teacher.shape)} differ in batch or channels"
-        )
-    teacher = teacher.detach().float()
-    student = student.float()
-    if student.shape[-2:] != teacher.shape[-2:]:
-        student = F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False)
-    if valid is None:
-        weight = torch.ones_like(teacher[:, :1])
+    if isinstance(teacher, TeacherStatistics):
+        statistics = teacher
     else:
-        if valid.shape != (teacher.shape[0], *teacher.shape[-2:]):
-            raise ValueError(f"valid mask {tuple(valid.shape)} does not match teacher map {tuple(teacher.shape)}")
-        weight = valid.to(teacher.dtype).unsqueeze(1)
-    count = weight.sum().clamp_min(1.0)
-    norm_s = _standardise(student, weight, count)
-    norm_t = _standardise(teacher, weight, count)
-    squared_error = (norm_s - norm_t).square() * weight
-    return squared_error.sum() / (count * teacher.shape[1]) / 2
+        if student.shape[:2] != teacher.shape[:2]:
+            raise ValueError(f"student map {tuple(student.shape)} and teacher map {tuple(teacher.shape)} differ in "
+                             "batch or channels")
+        if valid is None:
+            valid_hw = torch.tensor([list(teacher.shape[-2:])] * teacher.shape[0], device=teacher.device)
+        else:
+            if valid.shape != (teacher.shape[0], *teacher.shape[-2:]):
+                raise ValueError(f"valid mask {tuple(valid.shape)} does not match teacher map {tuple(teacher.shape)}")
+            valid_hw = valid_rectangles(valid)
+        with torch.autocast(student.device.type, enabled=False):
+            statistics = statistics_from_maps(teacher, valid_hw, tuple(student.shape[-2:]))
+    with torch.autocast(student.device.type, enabled=False):  # the sums stay float32/float64 under AMP
+        return pcc_from_statistics(student, statistics)
+
+
+def pcc_from_statistics(student: Tensor, teacher: TeacherStatistics) -> Tensor:
+    """``1 - r`` averaged over channels from the student map (N, C, Hs, Ws) and the teacher's statistics."""
+    if student.shape != teacher.cross.shape:
+        raise ValueError(f"student map {tuple(student.shape)} and teacher statistics {tuple(teacher.cross.shape)} "
+                         "differ in batch, channels or size")
+    student = student.float()
+    operators = student_operators(teacher.valid_hw, tuple(student.shape[-2:]), teacher.teacher_hw)
+    count = teacher.valid_hw.prod(dim=1).sum().clamp_min(1).double()
+    dims = (0, 2, 3)
+    mean_s = (student * operators.mean_weight).sum(dim=dims) / count.float()
+    centred = student - mean_s[None, :, None, None]
+    var_s = ((centred * operators.quadratic(centred)).sum(dim=dims) / count.float()).clamp_min(0)
+    # sum(w * U centred) is zero up to rounding; kept so the teacher's mean never enters the cross term.
+    mean_t = teacher.sum.sum(dim=0) / count
+    var_t = (teacher.sum_sq.sum(dim=0) / count - mean_t.square()).clamp_min(0).float()
+    cross = (centred * teacher.cross).sum(dim=dims) - mean_t.float() * (centred * operators.mean_weight).sum(dim=dims)
+    cov = cross / count.float()
+    scale_s = torch.sqrt(var_s + 1e-12) + EPS
+    scale_t = torch.sqrt(var_t + 1e-12) + EPS
+    per_channel = 0.5 * (var_s / scale_s.square() + var_t / scale_t.square()) - cov / (scale_s * scale_t)
+    return per_channel.mean()
 
 
 def pkd_loss(
     student: dict[int, Tensor],
-    teacher: dict[int, Tensor],
+    teacher: dict[int, Tensor | TeacherStatistics],
     valid: dict[int, Tensor] | None = None,
 ) -> Tensor:
     """Sum of :func:`pcc_loss` over the strides present in both pyramids (keys are strides in pixels).
 
-    ``valid`` maps a stride to the bool (N, H, W) mask at the teacher's size for that stride.
+    ``teacher`` maps a stride to a map (N, C, H, W) or its :class:`TeacherStatistics`; ``valid`` maps a
+    stride to the bool (N, H, W) mask at the teacher's size for that stride (maps only).
     Pair levels of different strides by re-keying the student dict first (see ``levels.pair_levels``).
     """
     strides = sorted(set(student) & set(teacher))
     if not strides:
         raise ValueError(f"no common strides: student {sorted(student)}, teacher {sorted(teacher)}")
-    losses = [pcc_loss(student[s], teacher[s], None if valid is None else valid[s]) for s in strides]
+    losses = [pcc_loss(student[s], teacher[s], None if valid is None else valid.get(s)) for s in strides]
     return torch.stack(losses).sum()

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from pkd_offline.data import CocoDetection, collate, file_sha256, read_image
 from pkd_offline.distributed import barrier, init_ranks, resolve_device
 from pkd_offline.errors import PkdError
+from pkd_offline.projection import RESIZE, project_image, projection_is_exact
 from pkd_offline.pyramid import level_size
 from pkd_offline.views import View, make_views, view_padded_size
 from stages.teachers import load_teacher
@@ -45,6 +46,8 @@ class ExtractConfig:
     codec: str = "fp16"
     views: int = 1
     levels: str | None = None
+    layout: str = "full"  # "projected": levels paired by index with student_levels, stored at the student's size
+    student_levels: str | None = None  # the student levels a projected store serves, e.g. "3,4,5,6"
     short_side: int = 800
     max_size: int = 1333
     size_divisor: int = 32
@@ -113,14 +116,56 @@ def readable_images(dataset: CocoDetection, workers: int) -> tuple[list[int], li
     return good, skipped
 
 
-def level_specs(dataset: CocoDetection, views: list[View], strides: list[int], channels: int) -> list[LevelSpec]:
-    """Per stride, the largest map (h, w) any (image, view) gives: the zarr arrays' shape."""
+def level_specs(dataset: CocoDetection, views: list[View], strides: list[int], channels: int,
+                projected: dict[int, int] | None = None) -> list[LevelSpec]:
+    """Per stride, the largest map (h, w) any (image, view) gives: the zarr arrays' shape. A stride in
+    ``projected`` (teacher stride -> student stride) holds the projection: the student's map plus one."""
+    projected = projected or {}
     largest = (0, 0)
     for image_id in dataset.image_ids:
         for view in views:
             hw = view_padded_size(*dataset.original_hw(image_id), view)
             largest = (max(largest[0], hw[0]), max(largest[1], hw[1]))
-    return [LevelSpec(s, channels, *level_size(largest, s)) for s in strides]
+    specs = []
+    for s in strides:
+        if s in projected:
+            height, width = level_size(largest, projected[s])
+            specs.append(LevelSpec(s, channels, height + 1, width + 1))
+        else:
+            specs.append(LevelSpec(s, channels, *level_size(largest, s)))
+    return specs
+
+
+LAYOUTS = ("full", "projected")
+
+
+def store_layout(cfg: ExtractConfig, strides: list[int]) -> dict:
+    """The manifest's layout: full maps, or for ``projected`` the index pairing with ``cfg.student_levels``
+    and the teacher strides stored as their projection (exact 2x pairs whose student stride divides the
+    padding multiple; the others keep the full map)."""
+    if cfg.layout not in LAYOUTS:
+        raise PkdError(f"--layout {cfg.layout!r}: choose one of {', '.join(LAYOUTS)}")
+    if cfg.layout == "full":
+        if cfg.student_levels is not None:
+            raise PkdError("--student-levels is for --layout projected only")
+        return {"name": "full"}
+    if cfg.student_levels is None:
+        raise PkdError("--layout projected needs --student-levels, the student levels it serves (e.g. 3,4,5,6)")
+    try:
+        student = sorted(2 ** int(level) for level in str(cfg.student_levels).split(","))
+    except ValueError:
+        raise PkdError(f"--student-levels {cfg.student_levels!r} must be comma-separated level numbers like 3,4,5,6") \
+            from None
+    if len(student) != len(strides):
+        raise PkdError(f"--layout projected pairs levels by index: {len(strides)} teacher levels but "
+                       f"{len(student)} student levels ({cfg.student_levels})")
+    pairs = [[s, t] for s, t in zip(student, strides)]
+    projected = [t for s, t in pairs if projection_is_exact(s, t, cfg.size_divisor)]
+    if not projected:
+        raise PkdError(f"--layout projected: no pair {pairs} has a student stride twice the teacher's dividing "
+                       f"--size-divisor {cfg.size_divisor}; use --layout full")
+    return {"name": "projected", "pairing": "index", "pairs": pairs, "projected": projected, "resize": RESIZE,
+            "size_divisor": cfg.size_divisor}
 
 
 def shard_batches(manifest: Manifest, shards: list[int], dataset: CocoDetection, views: list[View],
@@ -193,14 +238,20 @@ def extract(cfg: ExtractConfig) -> Path | str:
     teacher, identity = load_teacher(cfg.teacher, checkpoint=cfg.checkpoint, random_init=cfg.random_init,
                                      variant=cfg.variant, num_classes=dataset.num_classes, seed=cfg.seed)
     teacher.to(device)
+    if ranks.is_main:  # an MMDetection Swin teacher differs from MMDetection's own on small inputs: say so, once
+        from pkd_offline.models.swin_window import warn_small_inputs
+        warn_small_inputs(identity, [view_padded_size(*dataset.original_hw(i), view)
+                                     for i in dataset.image_ids for view in views])
     strides = parse_levels(cfg.levels, teacher.strides)
+    layout = store_layout(cfg, strides)
+    projected = {t: s for s, t in layout.get("pairs", []) if t in layout.get("projected", [])}
     skipped: list[dict] = []
     if cfg.on_error == "skip":
         good, skipped = readable_images(dataset, cfg.workers)
         dataset.image_ids = good
     manifest = Manifest(
         format=store_format, teacher=identity, normalization=teacher.transform.normalization(),
-        levels=level_specs(dataset, views, strides, teacher.channels), codec=cfg.codec,
+        levels=level_specs(dataset, views, strides, teacher.channels, projected), codec=cfg.codec, layout=layout,
         views=[v.to_dict() for v in views],
         dataset={"annotation_sha256": file_sha256(dataset.annotation_file), "split": cfg.split,
                  "annotation_file": dataset.annotation_file.name, "image_ids": dataset.image_ids},
@@ -222,7 +273,7 @@ def extract(cfg: ExtractConfig) -> Path | str:
                disable=not cfg.progress or not ranks.is_main)
     try:
         for batch in loader:
-            for sample in run_teacher(teacher, batch, strides, device, manifest.n_views):
+            for sample in run_teacher(teacher, batch, strides, device, manifest.n_views, frozenset(projected)):
                 writer_thread.put(sample)
             bar.update(len(batch))
     finally:
@@ -235,21 +286,40 @@ def extract(cfg: ExtractConfig) -> Path | str:
     return cfg.out if "://" in str(cfg.out) else Path(cfg.out)
 
 
+# Device types on which the teacher runs under bf16 autocast; verify replays the same precision, since
+# bf16 vs float32 maps of a Swin-S differ at r ~ 0.9999, the fp16 codec's own threshold.
+AUTOCAST_DEVICE_TYPES = ("cuda",)
+
+
+def teacher_autocast(device: torch.device) -> torch.autocast:
+    """The precision the teacher's features are computed in: bf16 autocast on CUDA, float32 elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type in AUTOCAST_DEVICE_TYPES)
+
+
 @torch.inference_mode()
-def run_teacher(teacher, batch: list[dict], strides: list[int], device: torch.device, n_views: int) -> list[Sample]:
-    """Teacher FPN maps of one same-size batch, as float32 numpy Samples (C, h/stride, w/stride) per level."""
+def run_teacher(teacher, batch: list[dict], strides: list[int], device: torch.device, n_views: int,
+                projected: frozenset[int] = frozenset()) -> list[Sample]:
+    """Teacher FPN maps of one same-size batch, as float32 numpy Samples (C, h/stride, w/stride) per level;
+    a stride in ``projected`` becomes its projection for a student of twice the stride (``project_image``)."""
     images = [item["image"].to(device, non_blocking=True) for item in batch]
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with teacher_autocast(device):
         features, _ = teacher.features(images)
-    maps = {s: features[s].float().cpu().numpy() for s in strides}
+    maps = {s: features[s].float().cpu().numpy() for s in strides if s not in projected}
     samples = []
     for i, item in enumerate(batch):
-        per_level = {s: np.ascontiguousarray(maps[s][i]) for s in strides}
+        per_level, statistics = {}, {}
+        for s in strides:
+            if s in projected:  # projected on the device; a NaN or Inf in the map reaches the sums
+                cross, total, square = project_image(features[s][i].float(), level_size(item["image_hw"], s))
+                per_level[s] = np.ascontiguousarray(cross.cpu().numpy())
+                statistics[s] = {"sum": total.cpu().numpy(), "sum_sq": square.cpu().numpy()}
+            else:
+                per_level[s] = np.ascontiguousarray(maps[s][i])
         for s, values in per_level.items():
-            if not np.isfinite(values).all():
+            if not np.isfinite(values).all() or not all(np.isfinite(v).all() for v in statistics.get(s, {}).values()):
                 raise PkdError(f"teacher features of image {item['image_id']} (view {item['view_index']}, stride {s}) "
                                f"hold NaN or Inf: nothing was written for it; check the checkpoint and the image")
         samples.append(Sample(index=item["image_index"] * n_views + item["view_index"], image_id=item["image_id"],
                               view_index=item["view_index"], image_hw=tuple(item["image_hw"]), features=per_level,
-                              extras=item.get("extras", {})))
+                              extras=item.get("extras", {}), statistics=statistics))
     return samples

@@ -66,7 +66,35 @@ def join_features(item: dict, sample: Sample) -> dict:
         raise PkdError(f"image {item['image_id']} view {item['view_index']} replays to {tuple(item['image_hw'])} px "
                        f"but the store recorded {tuple(sample.image_hw)}: re-extract the store")
     item["teacher_features"] = {s: torch.from_numpy(values) for s, values in sample.features.items()}
+    if sample.statistics:  # a projected store: the levels' cross maps come with their float64 sums
+        item["teacher_sums"] = {s: (torch.from_numpy(sums["sum"]), torch.from_numpy(sums["sum_sq"]))
+                                for s, sums in sample.statistics.items()}
     return item
+
+
+def check_layout_fits(manifest, pairs: list[tuple[int, int]], level_map: str, size_divisor: int) -> None:
+    """Refuse a projected store whose pairing or student strides are not this run's (one PkdError line).
+
+    A projected level holds the teacher map already resized back to one student stride, so it serves
+    that (student, teacher) pair only, and only batches padded to a multiple of that stride.
+    """
+    layout = manifest.layout
+    if layout["name"] != "projected":
+        return
+    stored = {teacher: student for student, teacher in layout["pairs"]}
+    wrong = [(s, t) for s, t in pairs if t in manifest.projected_strides and stored[t] != s]
+    problems = []
+    if level_map != layout["pairing"]:
+        problems.append(f"--level-map {level_map} vs the store's pairing {layout['pairing']}")
+    if wrong:
+        problems.append(f"student strides {[s for s, _ in pairs]} vs the store's {[s for s, _ in layout['pairs']]}")
+    odd = [s for s, t in pairs if t in manifest.projected_strides and size_divisor % s]
+    if odd:
+        problems.append(f"batches padded to multiples of {size_divisor} px (size_divisor), not of student stride "
+                        f"{odd[0]}")
+    if problems:
+        raise PkdError(f"projected feature store does not fit this run: {'; '.join(problems)} (the store holds teacher "
+                       f"levels projected for the pairs {layout['pairs']}; re-extract, or train with that pairing)")
 
 
 class StoreJoinedDataset(Dataset):

@@ -44,6 +44,8 @@ class SynthConfig:
     image_size: image width in pixels (the long side); heights are image_size or
         round(0.75 * image_size).
     seed: seed of every random choice; the same config writes byte-identical files.
+    min_object_side: smallest side of a (non-crowd) object's box in pixels; None: the default
+        max(6, 8 * image_size / 256). Larger values drop the smallest objects (an easier set).
     """
 
     out: Path
@@ -51,6 +53,7 @@ class SynthConfig:
     val: int = 16
     image_size: int = 256
     seed: int = 0
+    min_object_side: float | None = None
 
 
 # ---- shapes: unit polygons centred on the origin, (N, 2) float arrays ---------------
@@ -186,7 +189,8 @@ def _mask(obj: _Object, width: int, height: int) -> np.ndarray:
 
 
 def _layout(
-    rng: np.random.Generator, width: int, height: int, n_objects: int, with_crowd: bool, scale: float
+    rng: np.random.Generator, width: int, height: int, n_objects: int, with_crowd: bool, scale: float,
+    min_side: float,
 ) -> list[_Object]:
     """Objects in drawing order (later on top); none ends up more than 70% hidden.
 
@@ -198,7 +202,7 @@ def _layout(
     full_masks: list[np.ndarray] = []
     visible_masks: list[np.ndarray] = []
     makers = ([lambda: _crowd(rng, width, height, scale)] if with_crowd else []) + [
-        lambda: _single(rng, width, height, min_side=max(6.0, 8.0 * scale))
+        lambda: _single(rng, width, height, min_side=min_side)
     ] * n_objects
     for make in makers:
         for _ in range(PLACEMENT_TRIES):
@@ -274,12 +278,14 @@ def _pick(rng: np.random.Generator, n: int, count: int, exclude: set[int]) -> se
 
 
 def _write_split(
-    rng: np.random.Generator, out: Path, split: str, n_images: int, first_image_id: int, image_size: int
+    rng: np.random.Generator, out: Path, split: str, n_images: int, first_image_id: int, image_size: int,
+    min_object_side: float | None = None,
 ) -> None:
     """Write n_images JPEGs to out/split/ and their COCO JSON to out/annotations/."""
     image_dir = out / split
     image_dir.mkdir(parents=True, exist_ok=True)
     scale = image_size / 256.0
+    min_side = max(6.0, 8.0 * scale) if min_object_side is None else float(min_object_side)
     # Fixed counts rather than per-image coin flips, so every split of 8+ images has some.
     big_enough = n_images >= 8
     empty = _pick(rng, n_images, max(1, round(EMPTY_IMAGE_RATE * n_images)) if big_enough else 0, set())
@@ -290,7 +296,7 @@ def _write_split(
         width = image_size
         height = image_size if rng.random() < 0.5 else round(0.75 * image_size)
         n_objects = 0 if index in empty else int(rng.integers(1, MAX_OBJECTS + 1))
-        objects = _layout(rng, width, height, n_objects, index in crowded, scale)
+        objects = _layout(rng, width, height, n_objects, index in crowded, scale, min_side)
         image = _render(_background(rng, width, height, scale), objects)
         file_name = f"{image_id:06d}.jpg"
         image.save(image_dir / file_name, format="JPEG", quality=JPEG_QUALITY)
@@ -314,7 +320,8 @@ def synth(cfg: SynthConfig) -> Path:
     """Write the synthetic data set described in the module docstring; return cfg.out.
 
     Image ids run 1..train for train and train+1..train+val for val. Raises PkdError when
-    cfg.out is an existing file, train < 1, val < 0 or image_size < 64.
+    cfg.out is an existing file, train < 1, val < 0, image_size < 64, or min_object_side is outside
+    [1, 0.6 * image_size) px.
     """
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -325,9 +332,12 @@ def synth(cfg: SynthConfig) -> Path:
         raise PkdError(f"synth: val must be at least 0 images, got {cfg.val}")
     if cfg.image_size < MIN_IMAGE_SIZE:
         raise PkdError(f"synth: image_size must be at least {MIN_IMAGE_SIZE} px, got {cfg.image_size}")
+    if cfg.min_object_side is not None and not 1.0 <= cfg.min_object_side < 0.6 * cfg.image_size:
+        raise PkdError(f"synth: min_object_side must be in [1, {0.6 * cfg.image_size:g}) px (0.6 x image_size), "
+                       f"got {cfg.min_object_side}")
     out.mkdir(parents=True, exist_ok=True)
     # One generator per split, so the val images do not depend on how many train images exist.
     train_rng, val_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(2))
-    _write_split(train_rng, out, "train", cfg.train, 1, cfg.image_size)
-    _write_split(val_rng, out, "val", cfg.val, cfg.train + 1, cfg.image_size)
+    _write_split(train_rng, out, "train", cfg.train, 1, cfg.image_size, cfg.min_object_side)
+    _write_split(val_rng, out, "val", cfg.val, cfg.train + 1, cfg.image_size, cfg.min_object_side)
     return out

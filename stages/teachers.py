@@ -1,4 +1,4 @@
-"""Loading a teacher for extraction, online distillation and verification; no weights are downloaded."""
+"""Loading a teacher for extraction, online distillation and verification, from a weights path or URL."""
 
 from __future__ import annotations
 
@@ -11,14 +11,17 @@ from pkd_offline.data import file_sha256
 from pkd_offline.errors import PkdError
 from pkd_offline.models import DETECTORS, FeatureDetector, build_detector
 from pkd_offline.models.foreign_weights import detect_format, load_foreign_teacher
+from pkd_offline.weights_source import fetch_weights, is_url
 
 
-def load_teacher(name: str, *, checkpoint: Path | None, random_init: bool, variant: str, num_classes: int,
+def load_teacher(name: str, *, checkpoint: Path | str | None, random_init: bool, variant: str, num_classes: int,
                  seed: int = 0) -> tuple[FeatureDetector, dict]:
     """The teacher in eval mode, frozen, and its identity for a store manifest.
 
     Identity: {"name", "variant", "checkpoint_sha256", "checkpoint_format"} (plus "checkpoint_unused",
-    head tensors counted by module, for foreign checkpoints) or {"name", "variant", "random_init_seed"}.
+    head tensors counted by module, for foreign checkpoints, and "checkpoint_url" when ``checkpoint``
+    is a URL, fetched into torch.hub's cache by ``pkd_offline.weights_source``; the sha256 is the
+    full digest of the file loaded) or {"name", "variant", "random_init_seed"}.
     The checkpoint's format is recognised from its keys (``pkd_offline.models.foreign_weights``): a
     project checkpoint rebuilds its own architecture, which must be ``name``; an MMDetection Swin or a
     torchvision detection checkpoint is loaded into ``name``'s backbone+FPN. Either way the variant
@@ -27,7 +30,8 @@ def load_teacher(name: str, *, checkpoint: Path | None, random_init: bool, varia
     if name not in DETECTORS:
         raise PkdError(f"unknown teacher {name!r}: choose one of {', '.join(DETECTORS)}")
     if checkpoint is not None:
-        content = load_checkpoint(checkpoint)
+        local = fetch_weights(checkpoint)
+        content = load_checkpoint(local)  # errors name the cached file of a URL: the one to delete
         checkpoint_format = detect_format(content, checkpoint)
         unused: dict[str, int] = {}
         if checkpoint_format == "pkd-offline":
@@ -38,8 +42,10 @@ def load_teacher(name: str, *, checkpoint: Path | None, random_init: bool, varia
         else:
             teacher, unused = load_foreign_teacher(name, content, checkpoint_format, num_classes=num_classes,
                                                    source=checkpoint)
-        identity = {"name": name, "variant": teacher.spec["variant"], "checkpoint_sha256": file_sha256(checkpoint),
+        identity = {"name": name, "variant": teacher.spec["variant"], "checkpoint_sha256": file_sha256(local),
                     "checkpoint_format": checkpoint_format}
+        if is_url(checkpoint):
+            identity["checkpoint_url"] = str(checkpoint)
         if unused:
             identity["checkpoint_unused"] = unused
     elif random_init:

@@ -37,6 +37,8 @@ class TrainConfig:
     val_split: str | None = "val"
     backbone: str | None = None
     backbone_weights: Path | None = None
+    anchor_scale: float | None = None  # RetinaNet anchor side / stride (None: the variant's default)
+    head_norm: str | None = None  # RetinaNet head normalisation: None (torchvision v1) or "gn" (v2)
     variant: str = "full"
     epochs: int = 12
     iters: int | None = None
@@ -60,6 +62,7 @@ class TrainConfig:
     features: str | Path | None = None  # a local store path or an fsspec URL (s3://bucket/f.zarr)
     teacher: str | None = None
     teacher_checkpoint: Path | None = None
+    online_per_image: bool = False  # online teacher run per image at its own padded size (the offline control)
     random_init: bool = False
     alpha: float = 6.0
     level_map: str = "stride"
@@ -79,14 +82,17 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
 
 def setup_distillation(cfg: TrainConfig, dataset: CocoDetection, model, device: torch.device, ranks: Ranks):
     """The training dataset (joined with the store when offline) and the Distillation, or None for plain runs."""
+    if cfg.online_per_image and cfg.teacher is None:
+        raise PkdError("--online-per-image needs --teacher NAME (online PKD)")
     if cfg.features is not None and cfg.teacher is not None:
         raise PkdError("pass either --features STORE (offline) or --teacher NAME (online), not both")
     if cfg.features is not None:
-        from stages.store_data import StoreJoinedDataset, StoreStream, check_store_fits
+        from stages.store_data import StoreJoinedDataset, StoreStream, check_layout_fits, check_store_fits
 
         store = check_store_fits(cfg.features, dataset, model)
         teacher_strides = [level.stride for level in store.manifest.levels]
         pairs = pair_levels(list(model.strides), teacher_strides, cfg.level_map)[: cfg.max_pairs]
+        check_layout_fits(store.manifest, pairs, cfg.level_map, cfg.size_divisor)
         if store.manifest.format == "wds":
             stream = StoreStream(dataset, cfg.features, seed=cfg.seed, rank=ranks.rank, num_replicas=ranks.world_size,
                                  skip_damaged=cfg.on_error == "skip")
@@ -98,7 +104,7 @@ def setup_distillation(cfg: TrainConfig, dataset: CocoDetection, model, device: 
         if teacher.channels != model.channels:
             raise PkdError(f"teacher FPN has {teacher.channels} channels, student {model.channels}: use the same --variant")
         pairs = pair_levels(list(model.strides), list(teacher.strides), cfg.level_map)[: cfg.max_pairs]
-        return dataset, Distillation(pairs, cfg.alpha, teacher.to(device))
+        return dataset, Distillation(pairs, cfg.alpha, teacher.to(device), per_image=cfg.online_per_image)
     return dataset, None
 
 
@@ -123,7 +129,8 @@ def train(cfg: TrainConfig) -> Path:
 
         views = store_views(cfg.features)
     dataset = CocoDetection(cfg.data, cfg.split, views, with_masks=cfg.student in USES_MASKS)
-    model = build_detector(cfg.student, num_classes=dataset.num_classes, variant=cfg.variant, backbone=cfg.backbone)
+    model = build_detector(cfg.student, num_classes=dataset.num_classes, variant=cfg.variant, backbone=cfg.backbone,
+                           anchor_scale=cfg.anchor_scale, head_norm=cfg.head_norm)
     if cfg.backbone_weights is not None:
         from pkd_offline.models.foreign_weights import load_backbone_weights
 
@@ -171,6 +178,9 @@ def train(cfg: TrainConfig) -> Path:
     def on_step(state: LoopState) -> None:
         done = state.iteration >= total_iters
         if val_set is not None and (state.iteration % cfg.eval_every == 0 or done):
+            if ranks.distributed:  # every rank evaluates rank 0's model (batch-norm statistics differ per rank)
+                for buffer in model.buffers():
+                    torch.distributed.broadcast(buffer, src=0)
             results = gather_lists(predict(model, val_set, device, progress=False, ranks=ranks), ranks)
             if ranks.is_main:
                 with open(out / "eval.jsonl", "a") as handle:

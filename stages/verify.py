@@ -1,4 +1,5 @@
-"""``pkd-offline verify``: check every shard's sha256, then recompute samples with the teacher and compare."""
+"""``pkd-offline verify``: check every shard's sha256, then recompute samples with the teacher and compare
+(for a projected level: its projection and sums, recomputed from the fresh map)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import torch
 from pkd_offline.data import CocoDetection
 from pkd_offline.distributed import resolve_device
 from pkd_offline.errors import PkdError
+from pkd_offline.projection import project_image
+from pkd_offline.pyramid import level_size
 from pkd_offline.views import View
+from stages.extract import teacher_autocast
 from stages.teachers import load_teacher
 from storage import StoreError, open_store
 
@@ -52,7 +56,8 @@ def verify(cfg: VerifyConfig) -> dict:
     teacher, recomputed_identity = load_teacher(
         identity["name"], checkpoint=cfg.checkpoint, random_init="random_init_seed" in identity,
         variant=identity["variant"], num_classes=dataset.num_classes, seed=identity.get("random_init_seed", 0))
-    if recomputed_identity != identity:
+    given, stored = ({k: v for k, v in d.items() if k != "checkpoint_url"} for d in (recomputed_identity, identity))
+    if given != stored:  # a URL and a local copy of the same file (same sha256) are the same teacher
         raise PkdError(f"the teacher given ({recomputed_identity}) is not the store's ({identity})")
     teacher.to(device)
     dataset.image_ids = manifest.image_ids
@@ -65,11 +70,17 @@ def verify(cfg: VerifyConfig) -> dict:
             problems.append(f"sample {index}: {error}")
             continue
         item = dataset[divmod(index, manifest.n_views)]
-        with torch.inference_mode():
+        with torch.inference_mode(), teacher_autocast(device):  # the precision extract used
             features, _ = teacher.features([item["image"].to(device)])
         for stride in manifest.strides:
             fresh = features[stride][0].float().cpu().numpy()
             kept = stored.features[stride]
+            if stride in manifest.projected_strides:  # recompute the projection; its sums count in r too
+                cross, total, square = project_image(torch.from_numpy(fresh), level_size(item["image_hw"], stride))
+                fresh = cross.numpy()
+                sums = stored.statistics[stride]
+                levels[stride]["min_r"] = min(levels[stride]["min_r"], pearson_r(sums["sum"], total.numpy()),
+                                              pearson_r(sums["sum_sq"], square.numpy()))
             if fresh.shape != kept.shape:
                 problems.append(f"sample {index} stride {stride}: stored shape {kept.shape} vs recomputed {fresh.shape}")
                 continue

@@ -2,8 +2,9 @@
 
 A store lives at a local path or an fsspec URL (``s3://bucket/features.zarr``; for S3 the endpoint and
 credentials come from ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``).
-Imports only numpy, zarr, numcodecs, webdataset, fsspec and the standard library, so a store can be
-read without the training code. Nothing is ever unpickled from a store.
+Imports only numpy, zarr, numcodecs, fsspec and the standard library (tar shards go through ``tarfile``,
+never webdataset, which loads torch), so a store is written and read without the training code
+(``tests/test_storage_roundtrip.py`` checks it in a fresh process). Nothing is ever unpickled from a store.
 """
 
 from storage.codecs import CODECS

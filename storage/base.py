@@ -15,7 +15,7 @@ from storage.codecs import CODECS, Codec
 from storage.errors import StoreError
 from storage.files import (MANIFEST_NAME, Location, atomic_write_bytes, marker_name, read_markers, remove_file,
                            write_marker)
-from storage.manifest import Manifest, ShardRecord
+from storage.manifest import STATISTIC_PARTS, Manifest, ShardRecord
 from storage.sample import Sample
 
 
@@ -61,6 +61,14 @@ class StoreWriter:
         """Write the shard's data files, replacing any partial ones; return their sha256."""
         raise NotImplementedError
 
+    def encode_level(self, sample: Sample, stride: int) -> dict[str, np.ndarray]:
+        """Every stored part of one level of ``sample`` (``manifest.level_parts``): the codec's, plus the
+        float64 sums of a projected level."""
+        parts = self.codec.encode(sample.features[stride])
+        if stride in self.manifest.projected_strides:
+            parts.update({name: np.asarray(sample.statistics[stride][name], "<f8") for name in STATISTIC_PARTS})
+        return parts
+
     def _validate(self, shard_index: int, samples: list[Sample]) -> None:
         manifest = self.manifest
         expected = manifest.shard_range(shard_index)
@@ -78,6 +86,13 @@ class StoreWriter:
                 raise StoreError(f"{where} has strides {sorted(sample.features)}, the manifest {manifest.strides}")
             if len(sample.image_hw) != 2:
                 raise StoreError(f"{where} image_hw must be (height, width), got {sample.image_hw}")
+            for stride in manifest.projected_strides:
+                sums = sample.statistics.get(stride, {})
+                channels = next(level.channels for level in manifest.levels if level.stride == stride)
+                if sorted(sums) != sorted(STATISTIC_PARTS) or any(
+                        np.shape(sums[name]) != (channels,) or not np.isfinite(sums[name]).all() for name in sums):
+                    raise StoreError(f"{where} stride {stride} is projected and needs finite {list(STATISTIC_PARTS)} "
+                                     f"of shape ({channels},), got {sorted(sums)}")
             for level in manifest.levels:
                 shape = np.shape(sample.features[level.stride])
                 if (len(shape) != 3 or shape[0] != level.channels or shape[1] > level.max_height
@@ -159,13 +174,16 @@ class StoreReader:
         if not 0 <= index < len(self):
             raise StoreError(f"sample {index} is out of range: the store {self.root} has {len(self)} samples")
 
-    def _decode_level(self, stride: int, parts: dict[str, np.ndarray], hw: tuple[int, int], where: str) -> np.ndarray:
-        """Check each part's dtype and shape against the codec's layout, then decode to float32 (C, H, W)."""
+    def _decode_level(self, stride: int, parts: dict[str, np.ndarray], hw: tuple[int, int],
+                      where: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Check each part's dtype and shape against ``manifest.level_parts``, then decode: the float32
+        (C, H, W) map, and the float64 sums {"sum", "sum_sq"} of a projected level ({} otherwise)."""
         channels = next(level.channels for level in self.manifest.levels if level.stride == stride)
-        layout = self.codec.part_layout(channels)
+        layout = self.manifest.level_parts(stride)
         if set(parts) != set(layout):
-            raise StoreError(f"{where} stride {stride} has parts {sorted(parts)}, codec {self.codec.name} needs "
-                             f"{sorted(layout)}: the store is damaged; re-extract it")
+            raise StoreError(f"{where} stride {stride} has parts {sorted(parts)}, codec {self.codec.name} and layout "
+                             f"{self.manifest.layout['name']} need {sorted(layout)}: the store is damaged; "
+                             "re-extract it")
         for name, (dtype, kind) in layout.items():
             shape = (channels, *hw) if kind == "map" else (channels,)
             part = parts[name]
@@ -173,7 +191,11 @@ class StoreReader:
                     or part.shape != shape:
                 raise StoreError(f"{where} stride {stride} part {name!r} is {part.dtype} {part.shape}, expected "
                                  f"{dtype} {shape}: the store is damaged; re-extract it")
-        return self.codec.decode(parts)
+        parts = dict(parts)
+        sums = {name: np.array(parts.pop(name), np.float64) for name in STATISTIC_PARTS if name in layout}
+        if not all(np.isfinite(values).all() for values in sums.values()):
+            raise StoreError(f"{where} stride {stride} sums are not finite: the store is damaged; re-extract it")
+        return self.codec.decode(parts), sums
 
 
 def write_manifest(location: Location, manifest: Manifest) -> None:

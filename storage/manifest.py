@@ -12,11 +12,17 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 from storage.codecs import CODECS
 from storage.errors import StoreError
 
 FORMAT_VERSION = 1
 FORMATS = ("zarr", "wds")
+LAYOUTS = ("full", "projected")
+# A projected level's per-image, per-channel sums over the valid region: float64 (C,) parts beside the codec's.
+STATISTIC_PARTS = ("sum", "sum_sq")
+_PROJECTED_KEYS = ("name", "pairing", "pairs", "projected", "resize", "size_divisor")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -42,7 +48,15 @@ class ShardRecord:
 @dataclass
 class Manifest:
     """Everything a reader needs to trust and decode a store; ``teacher``, ``normalization``,
-    ``views``, ``dataset`` and ``skipped`` are opaque JSON, except ``dataset["image_ids"]``."""
+    ``views``, ``dataset`` and ``skipped`` are opaque JSON, except ``dataset["image_ids"]``.
+
+    ``layout`` says what a level holds: ``{"name": "full"}`` (every level the teacher's map), or
+    ``{"name": "projected", "pairing": "index", "pairs": [[student_stride, teacher_stride], ...],
+    "projected": [teacher strides], "resize": "bilinear, align_corners=False", "size_divisor": px}``:
+    the levels in ``projected`` hold ``U^T (valid * t)`` at the paired student stride (one row and
+    column past the image's valid student map) plus the float64 parts ``sum`` and ``sum_sq`` (C,);
+    the other levels the full map. Exact for batches padded to multiples of ``size_divisor``.
+    """
 
     format: str
     teacher: dict
@@ -54,6 +68,7 @@ class Manifest:
     samples_per_shard: int
     shards: list[ShardRecord] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+    layout: dict = field(default_factory=lambda: {"name": "full"})
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -79,6 +94,19 @@ class Manifest:
     @property
     def strides(self) -> list[int]:
         return [level.stride for level in self.levels]
+
+    @property
+    def projected_strides(self) -> list[int]:
+        """Teacher strides whose level holds the projection (empty for the full layout)."""
+        return list(self.layout.get("projected", []))
+
+    def level_parts(self, stride: int) -> dict[str, tuple[np.dtype, str]]:
+        """Every stored part of level ``stride``: the codec's parts, plus the float64 sums when projected."""
+        channels = next(level.channels for level in self.levels if level.stride == stride)
+        parts = dict(CODECS[self.codec].part_layout(channels))
+        if stride in self.projected_strides:
+            parts.update({name: (np.dtype("<f8"), "channel") for name in STATISTIC_PARTS})
+        return parts
 
     def shard_range(self, k: int) -> range:
         """Sample indices held by shard ``k``."""
@@ -110,8 +138,10 @@ class Manifest:
                 f"manifest format_version {version!r} is not supported (this code reads version {FORMAT_VERSION}): "
                 "use a matching pkd-offline version or re-run extraction"
             )
+        if "layout" not in raw:  # stores written before layouts hold full maps
+            raw["layout"] = {"name": "full"}
         expected = {
-            "format": str, "teacher": dict, "normalization": dict, "levels": list, "codec": str,
+            "layout": dict, "format": str, "teacher": dict, "normalization": dict, "levels": list, "codec": str,
             "views": list, "dataset": dict, "samples_per_shard": int, "shards": list,
             "skipped": list, "format_version": int,
         }
@@ -128,14 +158,14 @@ class Manifest:
     def compatible_with(self, other: Manifest) -> list[str]:
         """Differences that make ``other`` a different job, as ``"field: <self> vs <other>"`` lines ([] = same job).
 
-        Compares format, teacher, normalization, levels, codec, views, dataset and samples_per_shard;
+        Compares format, teacher, normalization, levels, codec, views, dataset, samples_per_shard and layout;
         not the shards written or the images skipped.
         """
         # Compare as JSON sees them (tuples become lists, dict keys strings), as a stored manifest is read back.
         mine, theirs = json.loads(self.to_json()), json.loads(other.to_json())
         differences: list[str] = []
         for name in ("format", "teacher", "normalization", "levels", "codec", "views", "dataset",
-                     "samples_per_shard"):
+                     "samples_per_shard", "layout"):
             _diff(name, mine[name], theirs[name], differences)
         return differences
 
@@ -160,6 +190,7 @@ class Manifest:
             fail(f"level strides {strides} must be unique and sorted")
         if not self.views:
             fail("no views")
+        self._validate_layout(fail)
         image_ids = self.dataset.get("image_ids")
         if not isinstance(image_ids, list) or not all(_is_int(i) for i in image_ids):
             fail("dataset.image_ids must be a list of integer image ids")
@@ -175,6 +206,35 @@ class Manifest:
                      f"{len(self.shard_range(record.index))}")
             if not isinstance(record.sha256, str) or not _SHA256.match(record.sha256):
                 fail(f"shard {record.index} sha256 {record.sha256!r} is not 64 lowercase hex digits")
+
+
+    def _validate_layout(self, fail) -> None:
+        layout = self.layout
+        if not isinstance(layout, dict) or layout.get("name") not in LAYOUTS:
+            fail(f"layout {layout!r} must be an object whose name is one of {', '.join(LAYOUTS)}")
+        if layout["name"] == "full":
+            if set(layout) != {"name"}:
+                fail(f"layout full takes no other keys, got {sorted(layout)}")
+            return
+        if sorted(layout) != sorted(_PROJECTED_KEYS):
+            fail(f"projected layout needs keys {list(_PROJECTED_KEYS)}, got {sorted(layout)}")
+        pairs, projected = layout["pairs"], layout["projected"]
+        if not (isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2
+                                                and all(_is_int(v) and v > 0 for v in p) for p in pairs)):
+            fail(f"layout pairs {pairs!r} must be a list of [student_stride, teacher_stride]")
+        if [t for _, t in pairs] != self.strides:
+            fail(f"layout pairs {pairs} must name every level's teacher stride {self.strides} once, in order")
+        if not (isinstance(projected, list) and all(_is_int(v) for v in projected)
+                and set(projected) <= set(self.strides)):
+            fail(f"layout projected {projected!r} must list teacher strides of the store's levels")
+        if not (_is_int(layout["size_divisor"]) and layout["size_divisor"] > 0):
+            fail(f"layout size_divisor {layout['size_divisor']!r} must be a positive integer")
+        for student, teacher in pairs:
+            if teacher in projected and (student != 2 * teacher or layout["size_divisor"] % student):
+                fail(f"layout projects teacher stride {teacher} to student stride {student}: only exact 2x pairs "
+                     f"whose student stride divides size_divisor {layout['size_divisor']} are projected")
+        if layout["pairing"] != "index" or not isinstance(layout["resize"], str):
+            fail(f"layout pairing {layout['pairing']!r} must be 'index' and resize a string")
 
 
 def _is_int(value: Any) -> bool:

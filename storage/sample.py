@@ -18,6 +18,8 @@ class Sample:
         image_hw: valid (unpadded) image height and width in pixels after the view's resize.
         features: stride -> float32 array (C, H_s, W_s); each sample keeps its own map size,
             so sizes are ragged across samples.
+        statistics: for the levels a projected layout projects, stride -> {"sum", "sum_sq"}: float64
+            (C,) sums of the teacher map (and of its square) over the image's valid region.
         extras: optional raw members stored beside the features by the WebDataset format only
             (e.g. ``"jpg"`` image bytes, ``"boxes.json"``); the zarr format ignores them.
     """
@@ -28,3 +30,4 @@ class Sample:
     image_hw: tuple[int, int]
     features: dict[int, np.ndarray]
     extras: dict[str, bytes] = field(default_factory=dict)
+    statistics: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)

@@ -1,7 +1,7 @@
 """The WebDataset store format: a directory of plain POSIX tar shards, streamed sequentially.
 
 Layout of ``X/`` (a local directory or an fsspec URL prefix such as ``s3://bucket/shards/``):
-``shard-{k:06d}.tar`` (written with webdataset's TarWriter to a local temporary file, mtime 0 so
+``shard-{k:06d}.tar`` (written as webdataset's TarWriter writes it, to a local temporary file, mtime 0 so
 equal content gives equal bytes, then renamed into place or uploaded in one piece),
 ``shards/{k:06d}.json`` markers and ``manifest.json``. A sample
 is the member group with key ``{index:09d}``:
@@ -9,10 +9,11 @@ is the member group with key ``{index:09d}``:
 - ``meta.json``: {"image_id", "view_index", "image_hw": [h, w] pixels,
   "feature_hw": {"<stride>": [h, w]}}
 - ``s{stride}.{part}.npy.zst``: ``np.save`` bytes (no pickle) of each codec part, zstd-compressed
+  (each of ``Manifest.level_parts``: the codec's, plus ``sum`` and ``sum_sq`` of a projected level)
   with a content checksum (a flipped bit in a part is a read error, not a silently wrong value)
 - any ``Sample.extras`` (e.g. ``jpg``, ``boxes.json``) as raw members.
 
-Shards are read with the standard library's tarfile (webdataset is imported only to write), as
+Shards are written and read with the standard library's tarfile (never webdataset, which imports torch), as
 raw bytes decoded here: a part must be a plain numeric ``.npy`` (parsed with numpy's format
 functions, never ``np.load``, so neither pickles nor ``.npz`` archives are opened) whose declared
 size fits the manifest, so a hostile shard cannot make the reader allocate more than the
@@ -114,15 +115,19 @@ class WdsWriter(StoreWriter):
     """Writes one tar per store shard to a local temporary file, then renames or uploads it (complete or absent)."""
 
     def _write_shard_files(self, shard_index: int, samples: list[Sample]) -> str:
-        # Imported here, not at module level: importing webdataset imports torch when torch is
-        # installed, and reading a store must not need (or load) the training stack.
-        from webdataset import TarWriter
-
+        # The standard library's tarfile, writing the bytes webdataset's TarWriter(encoder=False, mtime=0) writes
+        # (members sorted per sample, mode 0o444, owner "bigdata"): webdataset would import torch, and
+        # writing a store, like reading one, must not need the training stack.
         with staged_file(self.location, shard_name(shard_index)) as temporary:
-            with open(temporary, "wb") as handle:
-                with TarWriter(handle, encoder=False, mtime=0) as writer:
-                    for sample in samples:
-                        writer.write(self._members(sample))
+            with open(temporary, "wb") as handle, tarfile.open(fileobj=handle, mode="w|") as tar:
+                for sample in samples:
+                    members = self._members(sample)
+                    key = members.pop("__key__")
+                    for name in sorted(members):
+                        data = members[name].encode() if isinstance(members[name], str) else bytes(members[name])
+                        info = tarfile.TarInfo(f"{key}.{name}")
+                        info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "bigdata", "bigdata"
+                        tar.addfile(info, io.BytesIO(data))
             return sha256_local_file(temporary)
 
     def _members(self, sample: Sample) -> dict[str, bytes | str]:
@@ -131,7 +136,7 @@ class WdsWriter(StoreWriter):
                 "feature_hw": {str(s): list(np.shape(f)[1:]) for s, f in sorted(sample.features.items())}}
         members: dict[str, bytes | str] = {"__key__": f"{sample.index:09d}", "meta.json": json.dumps(meta).encode()}
         for stride in self.manifest.strides:
-            for part, values in self.codec.encode(sample.features[stride]).items():
+            for part, values in self.encode_level(sample, stride).items():
                 buffer = io.BytesIO()
                 np.save(buffer, np.ascontiguousarray(values), allow_pickle=False)
                 members[f"s{stride}.{part}.npy.zst"] = _ZSTD.encode(buffer.getvalue())
@@ -273,13 +278,15 @@ class WdsReader(StoreReader):
             except (ValueError, RuntimeError, OSError, EOFError, TypeError, SyntaxError) as error:
                 raise StoreError(f"{where}: member {suffix!r} is not a plain numeric .npy ({error}); "
                                  "re-extract the shard") from None
-        features = {}
+        features, statistics = {}, {}
         for stride in manifest.strides:
             if stride not in feature_hw:
                 raise StoreError(f"{where}: meta.json lacks stride {stride}; re-extract the shard")
-            features[stride] = self._decode_level(stride, parts[stride], feature_hw[stride], where)
+            features[stride], sums = self._decode_level(stride, parts[stride], feature_hw[stride], where)
+            if sums:
+                statistics[stride] = sums
         return Sample(index=index, image_id=image_id, view_index=view_index, image_hw=image_hw,
-                      features=features, extras=extras)
+                      features=features, extras=extras, statistics=statistics)
 
     def bytes_on_disk(self) -> dict:
         """Per level: bytes its members take in the tars (512-byte header plus padded data); total: all files."""

@@ -2,8 +2,9 @@
 
 Layout of ``X.zarr/`` (N samples, S = samples_per_shard, L levels):
 
-- ``s{stride}/{part}``: (N, C, max_h, max_w) for a codec's "map" part, (N, C) for a "channel"
-  part; chunk = one sample, shard = S samples (zarr's ShardingCodec), zstd; maps are zero
+- ``s{stride}/{part}``: (N, C, max_h, max_w) for a "map" part, (N, C) for a "channel" part
+  (the codec's parts, plus ``sum`` and ``sum_sq`` float64 for a projected level,
+  ``Manifest.level_parts``); chunk = one sample, shard = S samples (zarr's ShardingCodec), zstd; maps are zero
   padded past each sample's own size.
 - ``image_id`` (N,) int64, ``view_index`` (N,) int16, ``image_hw`` (N, 2) int32 pixels,
   ``feature_hw`` (N, L, 2) int32 (each sample's own map size per level); one chunk = S samples.
@@ -17,7 +18,8 @@ image id or view is not the one the manifest puts at its index.
 Store shard k is therefore exactly one file per array (``<array>/c/k/0/...``), so processes
 writing different shards never touch the same file. A single file is never torn: zarr 3's
 LocalStore writes it through a temporary ``*.partial`` name and renames it, and on an object
-store (a URL root: zarr's FsspecStore) it is one PUT. A store shard spans many files, hence
+store (a URL root: zarr's FsspecStore) it is one upload, which s3fs sends as one PUT below 100 MiB
+and as a multipart upload above, visible only when complete. A store shard spans many files, hence
 the marker, written last.
 """
 
@@ -28,7 +30,6 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from storage.base import StoreReader, StoreWriter
-from storage.codecs import CODECS
 from storage.errors import StoreError
 from storage.files import Location, sha256_files
 from storage.manifest import Manifest
@@ -40,7 +41,7 @@ _METADATA = {"image_id": "<i8", "view_index": "<i2", "image_hw": "<i4", "feature
 
 def array_specs(manifest: Manifest) -> dict[str, tuple[np.dtype, tuple[int, ...], tuple[int, ...] | None]]:
     """Every array of the store: name -> (dtype, shape, shard shape or None when one chunk is one store shard)."""
-    n, per_shard, codec = manifest.n_samples, manifest.samples_per_shard, CODECS[manifest.codec]
+    n, per_shard = manifest.n_samples, manifest.samples_per_shard
     specs: dict[str, tuple[np.dtype, tuple[int, ...], tuple[int, ...] | None]] = {
         "image_id": (np.dtype(_METADATA["image_id"]), (n,), None),
         "view_index": (np.dtype(_METADATA["view_index"]), (n,), None),
@@ -48,7 +49,7 @@ def array_specs(manifest: Manifest) -> dict[str, tuple[np.dtype, tuple[int, ...]
         "feature_hw": (np.dtype(_METADATA["feature_hw"]), (n, len(manifest.levels), 2), None),
     }
     for level in manifest.levels:
-        for part, (dtype, kind) in codec.part_layout(level.channels).items():
+        for part, (dtype, kind) in manifest.level_parts(level.stride).items():
             item = (level.channels, level.max_height, level.max_width) if kind == "map" else (level.channels,)
             specs[f"s{level.stride}/{part}"] = (np.dtype(dtype), (n, *item), (per_shard, *item))
     return specs
@@ -86,12 +87,12 @@ class ZarrWriter(StoreWriter):
         n = len(samples)
         # One level and part at a time keeps peak memory at one padded block beside the input.
         for level in manifest.levels:
-            layout = self.codec.part_layout(level.channels)
+            layout = manifest.level_parts(level.stride)
             blocks = {part: np.zeros((n, level.channels, level.max_height, level.max_width) if kind == "map"
                                      else (n, level.channels), dtype) for part, (dtype, kind) in layout.items()}
             for i, sample in enumerate(samples):
                 features = sample.features[level.stride]
-                for part, values in self.codec.encode(features).items():
+                for part, values in self.encode_level(sample, level.stride).items():
                     if layout[part][1] == "map":
                         blocks[part][i, :, : features.shape[1], : features.shape[2]] = values
                     else:
@@ -165,15 +166,17 @@ class ZarrReader(StoreReader):
         except StoreError as error:
             raise StoreError(f"{where}: {error}") from None
         row = index - k * self.manifest.samples_per_shard
-        features = {}
+        features, statistics = {}, {}
         try:
             for l, level in enumerate(self.manifest.levels):
                 h, w = (int(v) for v in metadata["feature_hw"][row, l])
                 parts = {}
-                for part, (_, kind) in self.codec.part_layout(level.channels).items():
+                for part, (_, kind) in self.manifest.level_parts(level.stride).items():
                     array = self.arrays[f"s{level.stride}/{part}"]
                     parts[part] = array[index, :, :h, :w] if kind == "map" else array[index]
-                features[level.stride] = self._decode_level(level.stride, parts, (h, w), where)
+                features[level.stride], sums = self._decode_level(level.stride, parts, (h, w), where)
+                if sums:
+                    statistics[level.stride] = sums
         except StoreError:
             raise
         except Exception as error:  # zarr/numcodecs raise many types on a damaged shard file
@@ -185,7 +188,7 @@ class ZarrReader(StoreReader):
                              f"{self.manifest.image_ids[image_index]} view {expected_view}: re-extract the shard")
         return Sample(index=index, image_id=image_id, view_index=view_index,
                       image_hw=(int(metadata["image_hw"][row, 0]), int(metadata["image_hw"][row, 1])),
-                      features=features)
+                      features=features, statistics=statistics)
 
     def _iter_shard(self, k: int):
         for index in self.manifest.shard_range(k):

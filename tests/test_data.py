@@ -2,7 +2,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from pkd_offline.data import CocoDetection, ViewSampler, load_coco
 from pkd_offline.errors import PkdError
@@ -12,23 +11,37 @@ from pkd_offline.views import View
 def test_category_ids_with_gaps_map_to_contiguous_labels_and_back(synth_data):
     dataset = CocoDetection(synth_data, "train", [View(128, 128)])
     assert dataset.category_ids == [1, 3, 5, 8, 13, 21]
-    assert sorted(dataset.label_of_category.values()) == list(range(1, 7))
+    assert dataset.label_of_category == {1: 1, 3: 2, 5: 3, 8: 4, 13: 5, 21: 6}
     assert dataset.num_classes == 7
-    for label, category in enumerate(dataset.category_ids, start=1):
-        assert dataset.category_ids[label - 1] == category
+    # Every item's labels map back to its annotations' COCO category ids, box by box.
+    coco = dataset.coco
+    seen = set()
+    for index, image_id in enumerate(dataset.image_ids):
+        labels = dataset[(index, 0)]["target"]["labels"].tolist()
+        kept = [a for a in coco.imgToAnns.get(image_id, []) if not a["iscrowd"]]
+        assert [dataset.category_ids[label - 1] for label in labels] == [a["category_id"] for a in kept]
+        seen.update(labels)
+    assert len(seen) >= 3, "the fixture must exercise several labels"
 
 
 def test_items_crowd_ignored_empty_images_kept(synth_data):
     dataset = CocoDetection(synth_data, "train", [View(128, 128), View(128, 128, flip=True)])
     coco = dataset.coco
     crowd_images = {a["image_id"] for a in coco.dataset["annotations"] if a["iscrowd"]}
+    empty_images = {i for i in dataset.image_ids if not coco.imgToAnns.get(i)}
+    # The fixture (seed 3) holds both cases; the loop below must meet them.
+    assert crowd_images and empty_images and len(dataset) == 8
     for index, image_id in enumerate(dataset.image_ids):
         item = dataset[(index, 1)]
-        expected = [a for a in coco.imgToAnns.get(image_id, []) if not a["iscrowd"]]
+        annotations = coco.imgToAnns.get(image_id, [])
+        expected = [a for a in annotations if not a["iscrowd"]]
         assert item["target"]["boxes"].shape == (len(expected), 4)
+        if image_id in crowd_images:
+            assert item["target"]["boxes"].shape[0] < len(annotations), "the crowd box must be left out"
+        if image_id in empty_images:
+            assert item["target"]["boxes"].shape == (0, 4) and item["target"]["labels"].shape == (0,)
         assert item["image"].shape[0] == 3 and item["image_hw"] == tuple(item["image"].shape[-2:])
         assert item["view_index"] == 1 and item["image_id"] == image_id
-    assert any(not coco.imgToAnns.get(i) for i in dataset.image_ids) or crowd_images
 
 
 def test_masks_come_with_maskrcnn_data(synth_data):

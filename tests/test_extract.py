@@ -76,10 +76,22 @@ def test_resumed_extraction_equals_uninterrupted(synth_data, tmp_path, store_nam
         (killed / "shards" / f"{k:06d}.json").unlink()
     shard_files = sorted(p for p in killed.rglob("*") if p.is_file() and "shards" not in p.parts and p.name != "manifest.json")
     untouched = {p: p.stat().st_mtime_ns for p in shard_files}
+    # What a kill inside a write leaves: the atomic writes' temporary files, here full of junk.
+    uuid = "0123456789abcdef0123456789abcdef"
+    leftovers = [killed / "shards" / f".000002.json.{uuid}.tmp", killed / f".manifest.json.{uuid}.tmp"]
+    if store_name == "wds":
+        leftovers.append(killed / f".shard-000002.tar.{uuid}.tmp")  # storage.files.staged_file
+    else:
+        leftovers.append(killed / "s8" / "values" / "c" / "2" / "0" / "0" / f"0.{uuid}.partial")  # zarr's LocalStore
+    for leftover in leftovers:
+        leftover.write_bytes(b"torn write " * 100)
     with pytest.raises(StoreError, match="unfinished"):
         open_store(str(killed))
     extract(config(synth_data, killed))
     assert describe(open_store(str(killed)))["digest"] == expected
+    resumed = open_store(str(killed))
+    assert resumed.verify_shards() == [] and len(list(resumed.iter_samples())) == 16
+    assert all(leftover.exists() for leftover in leftovers), "leftovers are ignored, not read"
     rewritten = [p for p, mtime in untouched.items() if p.exists() and p.stat().st_mtime_ns != mtime]
     assert rewritten, "the unfinished shards must be written again"
     assert len(rewritten) < len(untouched), "finished shards must not be redone"
@@ -132,3 +144,45 @@ def test_verify_passes_on_fresh_stores_and_fails_on_a_damaged_one(synth_data, tm
     assert open_store(str(path)).verify_shards(), "a flipped byte must be found"
     damaged = verify(VerifyConfig(store=path, data=synth_data, samples=16))
     assert not damaged["ok"] and "shard" in damaged["text"]
+
+
+@pytest.mark.parametrize("store_name,codec", [("f.zarr", "fp16"), ("wds", "int8")])
+def test_verify_recomputation_fails_on_a_shard_of_other_features_with_a_valid_hash(synth_data, tmp_path, store_name,
+                                                                                    codec):
+    """A shard rewritten with another teacher's features, its sha256, marker and manifest record made consistent:
+    the hashes pass, and only the recomputation with the store's teacher finds it."""
+    path = extract(config(synth_data, tmp_path / "a" / store_name, codec=codec))
+    other = extract(config(synth_data, tmp_path / "b" / store_name, codec=codec, seed=1))  # another random teacher
+    reader, donor = open_store(str(path)), open_store(str(other))
+    for source, target in zip(donor.shard_paths(1), reader.shard_paths(1)):
+        shutil.copyfile(source, target)
+    shutil.copyfile(other / "shards" / "000001.json", path / "shards" / "000001.json")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["shards"][1]["sha256"] = next(r.sha256 for r in donor.manifest.shards if r.index == 1)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert open_store(str(path)).verify_shards() == [], "the hashes are consistent: only recomputation can tell"
+    report = verify(VerifyConfig(store=path, data=synth_data, samples=16))
+    assert not report["ok"] and report["shard_problems"] == []
+    low = {int(stride) for stride, level in report["levels"].items() if level["min_r"] < report["threshold"]}
+    assert low == set(open_store(str(path)).manifest.strides), report["text"]
+    assert "r below" in report["text"]
+
+
+def test_with_images_stores_the_image_bytes_and_the_view_target(synth_data, tmp_path):
+    import tarfile
+
+    path = extract(config(synth_data, tmp_path / "wds", with_images=True))
+    dataset = CocoDetection(synth_data, "train", make_views(2, 128, 128))
+    store = open_store(str(path))
+    for index in (0, 3, 9):
+        sample = store.read(index)
+        item = dataset[divmod(index, 2)]
+        assert sample.extras["jpg"] == dataset.image_file(item["image_id"]).read_bytes()
+        target = json.loads(sample.extras["target.json"])
+        assert target["labels"] == item["target"]["labels"].tolist()
+        assert torch.equal(torch.tensor(target["boxes"]).reshape(-1, 4), item["target"]["boxes"])
+    with tarfile.open(path / "shard-000000.tar") as tar:  # plain tar members, readable by any tool
+        assert {"000000000.jpg", "000000000.target.json", "000000000.meta.json"} <= set(tar.getnames())
+    plain = open_store(str(extract(config(synth_data, tmp_path / "plain", views=1))))
+    assert plain.read(0).extras == {}
+

@@ -204,9 +204,24 @@ def test_mmdet_checkpoint_that_does_not_fit_names_the_keys(tmp_path, mmdet_state
 
 
 def test_mmdet_checkpoint_without_index_buffers_keeps_ours(tmp_path, mmdet_state):
+    """A checkpoint without the (derived) relative position index buffers loads with the model's own index,
+    and gives exactly the teacher that the full checkpoint gives."""
     state = {k: v for k, v in mmdet_state.items() if not k.endswith("relative_position_index")}
+    assert len(state) < len(mmdet_state)
     teacher, identity = teacher_from(save_mmdet(tmp_path / "swin.pth", state))
     assert identity["checkpoint_format"] == "mmdet-swin"
+    full, _ = teacher_from(save_mmdet(tmp_path / "full.pth", mmdet_state))
+    indices = {k: v for k, v in teacher.state_dict().items() if k.endswith("relative_position_index")}
+    assert len(indices) == sum(TINY_SWIN[1])
+    expected = mmdet_relative_position_index(WINDOW).reshape(-1)
+    assert all(torch.equal(index.reshape(-1), expected) for index in indices.values())
+    reference = full.state_dict()
+    assert all(torch.equal(value, reference[k]) for k, value in teacher.state_dict().items() if "backbone" in k)
+    image = torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        got, _ = teacher.eval().features([image])
+        want, _ = full.eval().features([image])
+    assert got.keys() == want.keys() and all(torch.equal(got[s], want[s]) for s in got)
 
 
 def test_mmdet_swin_size_must_match_the_teacher_name(tmp_path):
@@ -308,7 +323,34 @@ def test_pretrained_backbone_norms_stay_frozen_in_training(tmp_path):
     model.train()
     norm = model.detector.backbone.body.bn1
     before = norm.running_mean.clone()
-    model([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[4.0, 4, 30, 30]]), "labels": torch.tensor([1])}])
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(8))
+    model([image], [{"boxes": torch.tensor([[4.0, 4, 30, 30]]), "labels": torch.tensor([1])}])
     assert not norm.training and not norm.weight.requires_grad
     assert torch.equal(norm.running_mean, before), "frozen statistics must not move"
     assert model.spec["frozen_backbone_norm"] is True
+
+
+def test_small_inputs_are_flagged_for_mmdetection_swin_teachers_only():
+    from pkd_offline.models.swin_window import small_input_warning
+
+    mmdet = {"name": "swin_s", "checkpoint_format": "mmdet-swin"}
+    assert small_input_warning(mmdet, [(800, 1088), (256, 256)]) is None  # stage 4: 8 tokens > the 7-token window
+    line = small_input_warning(mmdet, [(800, 1088), (224, 1088), (800, 96)])
+    assert line.startswith("pkd-offline: warning: 2 of 3 inputs have a padded side of 224 px or less")
+    assert "96x800" in line and "\n" not in line
+    for other in ({"name": "swin", "checkpoint_format": "pkd-offline"}, {"name": "swin", "random_init_seed": 0}):
+        assert small_input_warning(other, [(96, 96)]) is None
+
+
+def test_extract_warns_once_when_an_mmdetection_swin_teacher_meets_small_images(tmp_path, mmdet_state, synth_data,
+                                                                                capsys):
+    from stages.extract import ExtractConfig, extract
+
+    checkpoint = save_mmdet(tmp_path / "swin.pth", mmdet_state)
+    settings = dict(teacher="swin", data=synth_data, views=2, short_side=128, max_size=128, batch_size=4, workers=0,
+                    levels="3,4", progress=False)
+    extract(ExtractConfig(checkpoint=checkpoint, out=tmp_path / "mmdet.zarr", **settings))
+    lines = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(lines) == 1 and "16 of 16 inputs have a padded side of 224 px or less" in lines[0], lines
+    extract(ExtractConfig(random_init=True, variant="tiny", out=tmp_path / "own.zarr", **settings))
+    assert "warning" not in capsys.readouterr().err

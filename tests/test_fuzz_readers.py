@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from numcodecs import Zstd
 
-from storage import Manifest, StoreError, open_store
+from storage import CODECS, Manifest, StoreError, open_store
 from storage.testing import tiny_manifest, tiny_samples, write_store
 
 settings.register_profile("readers", derandomize=True, max_examples=60, deadline=5000, database=None,
@@ -308,31 +308,67 @@ def test_wds_shard_with_mutated_members(wds_copy, edits):
 
 dtypes = st.one_of(hnp.scalar_dtypes(), hnp.byte_string_dtypes(max_len=4), hnp.unicode_string_dtypes(max_len=4),
                    hnp.array_dtypes(max_size=2))
+# The int8 layout of stride 8 of sample 0 in ``tiny_manifest``: q (C, h, w) int8, scale and offset (C,) float32.
+PART_LAYOUT = {"q": (np.int8, (4, 8, 9)), "scale": (np.float32, (4,)), "offset": (np.float32, (4,))}
 
 
-@settings(FUZZ, max_examples=80)
-@given(st.sampled_from(["q", "scale", "offset"]), hnp.arrays(dtypes, hnp.array_shapes(min_dims=0, max_dims=4,
-                                                                                     max_side=5)),
-       st.booleans())
-def test_wds_part_holding_an_arbitrary_array(wds_copy, part, array, compress):
+@st.composite
+def part_arrays(draw):
+    """(part, array): exactly the part's dtype and shape (the reader must accept and use them), the part's shape
+    with any other dtype, the part's dtype with another shape, or any numeric, string or structured dtype
+    and shape (0-4 dims)."""
+    part = draw(st.sampled_from(sorted(PART_LAYOUT)))
+    dtype, shape = PART_LAYOUT[part]
+    kind = draw(st.sampled_from(["exact", "other dtype", "other shape", "anything"]))
+    if kind == "exact":
+        elements = st.integers(-128, 127) if dtype == np.int8 else st.floats(-1e3, 1e3, width=32)
+        return part, draw(hnp.arrays(dtype, shape, elements=elements))
+    if kind == "other dtype":
+        return part, draw(hnp.arrays(dtypes.filter(lambda other: other != dtype), shape))
+    if kind == "other shape":
+        return part, draw(hnp.arrays(dtype, hnp.array_shapes(min_dims=0, max_dims=4, max_side=9)
+                                     .filter(lambda other: other != shape)))
+    return part, draw(hnp.arrays(dtypes, hnp.array_shapes(min_dims=0, max_dims=4, max_side=9)))
+
+
+@pytest.mark.filterwarnings("ignore:Stored array in format 3.0")  # np.save of a structured dtype with unicode names
+def test_wds_part_holding_an_arbitrary_array(wds_copy):
     path, pristine = wds_copy
     tar = path / "shard-000000.tar"
     original = (pristine / tar.name).read_bytes()
     reference = clean(pristine, 0)
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    name = f"s8.{part}.npy" + (".zst" if compress else "")
-    members = [(n, d) for n, d in tar_members(original) if n != f"000000000.s8.{part}.npy.zst"]
-    members.insert(0, (f"000000000.{name}", Zstd(level=1).encode(buffer.getvalue()) if compress else buffer.getvalue()))
-    mutated = build_tar(members)
-    tar.write_bytes(mutated)
-    sample = attempt(lambda: open_store(str(path)).read(0))
-    if sample is not None:
-        # Only an array of exactly the codec's dtype and shape may be accepted (then its values are used).
-        layout = {"q": (np.int8, (4,) + reference[0].features[8].shape[1:]), "scale": (np.float32, (4,)),
-                  "offset": (np.float32, (4,))}[part]
-        assert array.dtype == layout[0] and array.shape == layout[1], (array.dtype, array.shape)
-    assert attempt(lambda: open_store(str(path)).verify_shards()), "a replaced part was not flagged by verify"
+    assert reference[0].features[8].shape == PART_LAYOUT["q"][1]
+    original_parts = {name.split(".")[2]: np.load(io.BytesIO(Zstd().decode(data)), allow_pickle=False)
+                      for name, data in tar_members(original) if name.startswith("000000000.s8.")}
+    assert sorted(original_parts) == sorted(PART_LAYOUT)
+    branches = Counter()
+
+    @settings(FUZZ, max_examples=80)
+    @given(part_arrays(), st.booleans())
+    def plant(part_array, compress):
+        part, array = part_array
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        name = f"s8.{part}.npy" + (".zst" if compress else "")
+        members = [(n, d) for n, d in tar_members(original) if n != f"000000000.s8.{part}.npy.zst"]
+        planted = Zstd(level=1).encode(buffer.getvalue()) if compress else buffer.getvalue()
+        members.insert(0, (f"000000000.{name}", planted))
+        tar.write_bytes(build_tar(members))
+        sample = attempt(lambda: open_store(str(path)).read(0))
+        if sample is None:
+            branches["refused"] += 1
+        else:
+            # Only an array of exactly the codec's dtype and shape may be accepted, and then its values are used.
+            branches["accepted"] += 1
+            dtype, shape = PART_LAYOUT[part]
+            assert array.dtype == dtype and array.shape == shape, (array.dtype, array.shape)
+            expected = CODECS["int8"].decode({**original_parts, part: array})
+            assert np.array_equal(sample.features[8], expected, equal_nan=True), "the planted values were not used"
+        assert attempt(lambda: open_store(str(path)).verify_shards()), "a replaced part was not flagged by verify"
+
+    plant()
+    print(f"\nwds part replaced by an array: {dict(branches)}")
+    assert branches["accepted"] > 0 and branches["refused"] > 0, branches
 
 
 # --- zarr shard files ---
@@ -373,24 +409,39 @@ def test_zarr_shard_file_with_mutated_bytes(zarr_store, zarr_copy, which, steps)
         check_reads(zarr_copy, 1, original, mutated, reference)
 
 
-@settings(FUZZ, max_examples=60)
-@given(st.sampled_from(["image_id", "feature_hw", "s8/values", "s16/values"]),
-       st.sampled_from(["shape", "data_type", "chunk_grid", "codecs", "fill_value", "zarr_format", "node_type",
-                        "chunk_key_encoding", "attributes", "dimension_names"]), json_values)
-def test_zarr_array_metadata_mutated(zarr_store, zarr_copy, array, key, value):
-    metadata_path = zarr_copy / array / "zarr.json"
-    with restored(metadata_path):
-        metadata = json.loads(metadata_path.read_text())
-        metadata[key] = value
-        metadata_path.write_text(json.dumps(metadata))
-        reader = attempt(lambda: open_store(str(zarr_copy)))
-        if reader is not None:
-            reference = clean(zarr_store, 1)
-            for index in reader.manifest.shard_range(1):
-                sample = attempt(lambda: reader.read(index))
-                if sample is not None:
-                    assert all(np.array_equal(sample.features[s], reference[index].features[s])
-                               for s in sample.features), f"{array} {key}={value!r} changed values silently"
+KEEP = object()  # "write the field back as it was (re-serialised)": a change the reader must accept
+
+
+def test_zarr_array_metadata_mutated(zarr_store, zarr_copy):
+    branches = Counter()
+    reference = clean(zarr_store, 1)
+
+    # Random JSON for a field is nearly always refused at open; the field written back as it was, or harmless
+    # attributes, must open and read the original values: both branches run.
+    @settings(FUZZ, max_examples=60)
+    @given(st.sampled_from(["image_id", "feature_hw", "s8/values", "s16/values"]),
+           st.sampled_from(["shape", "data_type", "chunk_grid", "codecs", "fill_value", "zarr_format", "node_type",
+                            "chunk_key_encoding", "attributes", "dimension_names"]),
+           st.one_of(json_values, st.just(KEEP), st.dictionaries(st.text(max_size=8), json_values, max_size=3)))
+    def mutate_field(array, key, value):
+        metadata_path = zarr_copy / array / "zarr.json"
+        with restored(metadata_path):
+            metadata = json.loads(metadata_path.read_text())
+            metadata[key] = json.loads(json.dumps(metadata.get(key))) if value is KEEP else value
+            metadata_path.write_text(json.dumps(metadata))
+            reader = attempt(lambda: open_store(str(zarr_copy)))
+            branches["refused at open" if reader is None else "opened"] += 1
+            if reader is not None:
+                for index in reader.manifest.shard_range(1):
+                    sample = attempt(lambda: reader.read(index))
+                    branches["refused at read" if sample is None else "read"] += 1
+                    if sample is not None:
+                        assert all(np.array_equal(sample.features[s], reference[index].features[s])
+                                   for s in sample.features), f"{array} {key}={value!r} changed values silently"
+
+    mutate_field()
+    print(f"\nzarr array metadata mutated: {dict(branches)}")
+    assert branches["refused at open"] > 0 and branches["opened"] > 0 and branches["read"] > 0, branches
 
 
 @settings(FUZZ, max_examples=60)

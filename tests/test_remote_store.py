@@ -42,6 +42,9 @@ def s3(tmp_path_factory):
         try:
             yield fs
         finally:
+            # moto keeps its buckets in the process, not in the server: remove this one so the next
+            # module that starts the fixture (test_projection imports it) begins with an empty bucket.
+            fs.rm(BUCKET, recursive=True)
             s3fs.S3FileSystem.clear_instance_cache()
             server.stop()
 

@@ -99,6 +99,14 @@ def test_wds_extras_round_trip_and_shards_are_plain_webdataset_tars(tmp_path):
 
     first = next(iter(webdataset.WebDataset(str(path / "shard-000000.tar"), shardshuffle=False)))
     assert first["__key__"] == "000000000" and json.loads(first["meta.json"])["image_id"] == 1
+    # The writer (tarfile) gives the very bytes webdataset's own TarWriter gives for the same samples.
+    with tarfile.open(path / "shard-000000.tar") as tar:
+        members = [(info.name.split(".", 1), tar.extractfile(info).read()) for info in tar.getmembers()]
+    rewritten = tmp_path / "rewritten.tar"
+    with open(rewritten, "wb") as handle, webdataset.TarWriter(handle, encoder=False, mtime=0) as writer:
+        for key in dict.fromkeys(key for (key, _), _ in members):
+            writer.write({"__key__": key, **{name: data for (k, name), data in members if k == key}})
+    assert rewritten.read_bytes() == (path / "shard-000000.tar").read_bytes()
 
 
 def test_zarr_store_is_readable_by_zarr_alone(tmp_path):
@@ -125,3 +133,34 @@ def test_detect_format():
     assert detect_format("out/features.zarr", fmt="wds") == "wds"
     with pytest.raises(StoreError, match="unknown store format"):
         detect_format("x", fmt="hdf5")
+
+
+IMPORT_PROBE = r'''
+import json, sys, tempfile
+baseline = set(sys.modules)
+import zarr
+by_zarr = set(sys.modules) - baseline  # zarr's own imports (numpy, fsspec, donfig, ...): not storage's doing
+from storage import open_store
+from storage.testing import tiny_manifest, tiny_samples, write_store
+with tempfile.TemporaryDirectory() as tmp:
+    for fmt, name in (("zarr", "f.zarr"), ("wds", "f")):
+        manifest = tiny_manifest(fmt=fmt, codec="int8")
+        write_store(f"{tmp}/{name}", manifest, tiny_samples(manifest))
+        store = open_store(f"{tmp}/{name}")
+        assert len(list(store.iter_samples())) == len(store) == 10 and store.read(3).index == 3
+        assert store.verify_shards() == []
+top = lambda names: {name.split(".")[0] for name in names if not name.startswith("_cython_")}  # Cython runtimes
+print(json.dumps({"all": sorted(top(sys.modules)), "beyond_zarr": sorted(top(set(sys.modules) - baseline - by_zarr)
+                                                                      - set(sys.stdlib_module_names))}))
+'''
+
+
+def test_writing_and_reading_a_store_loads_no_training_code():
+    """README: storage imports numpy, zarr (which loads fsspec), numcodecs, fsspec and the standard library;
+    writing and reading either format never loads torch, webdataset or the training code."""
+    result = subprocess.run([sys.executable, "-c", IMPORT_PROBE], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    modules = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not {"torch", "webdataset", "torchvision", "PIL", "pkd_offline", "stages"} & set(modules["all"])
+    assert {"numpy", "fsspec"} <= set(modules["all"])
+    assert set(modules["beyond_zarr"]) <= {"storage", "numcodecs", "numpy", "fsspec"}, modules["beyond_zarr"]

@@ -5,11 +5,14 @@ backbone (``resnet50`` by default, ``resnet18``, ``mobilenet_v3``). Teachers: ``
 ``swin_s``, ``swin_b`` with an FPN and a Faster R-CNN head, and ``resnet50`` (Faster R-CNN R50-FPN);
 any trained detector of the project can also serve as a teacher. ``variant="tiny"`` shrinks depth
 and width in the same builder for CPU runs. Anchors scale with the variant: ``full`` uses the COCO
-sizes (4x the stride), ``tiny`` half of them, for small images.
+sizes (4x the stride), ``tiny`` half of them, for small images. RetinaNet takes two options
+(``MODEL_OPTIONS``), kept in ``spec`` so a checkpoint rebuilds the same model: ``anchor_scale``
+(anchor side over stride at the first octave) and ``head_norm="gn"`` (GroupNorm in the head).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 from torch import nn
@@ -17,6 +20,7 @@ from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from pkd_offline.errors import PkdError
@@ -31,8 +35,11 @@ P2_P6 = (4, 8, 16, 32, 64)
 COMMON = {"min_size": 1, "max_size": 1, "detections_per_img": 100}
 
 
-def _anchor_sizes(strides: tuple[int, ...], variant: str, octaves: bool) -> tuple[tuple[int, ...], ...]:
-    base = 4 if variant == "full" else 2
+def _anchor_sizes(strides: tuple[int, ...], variant: str, octaves: bool,
+                  scale: float | None = None) -> tuple[tuple[int, ...], ...]:
+    """Anchor sides in px per level: ``scale`` x stride (default 4 for ``full``, 2 for ``tiny``), times
+    2^(0, 1/3, 2/3) with ``octaves``."""
+    base = scale if scale is not None else 4 if variant == "full" else 2
     scales = (1.0, 2 ** (1 / 3), 2 ** (2 / 3)) if octaves else (1.0,)
     return tuple(tuple(int(base * s * k) for k in scales) for s in strides)
 
@@ -42,13 +49,24 @@ def _wrap(detector: nn.Module, strides: tuple[int, ...], spec: dict) -> FeatureD
     return FeatureDetector(detector, strides, spec)
 
 
-def build_retinanet(*, num_classes: int, variant: str = "full", backbone: str = "resnet50") -> FeatureDetector:
+def build_retinanet(*, num_classes: int, variant: str = "full", backbone: str = "resnet50",
+                    anchor_scale: float | None = None, head_norm: str | None = None) -> FeatureDetector:
+    """RetinaNet on P3..P7. ``anchor_scale``: anchor side / stride at the first octave (None: the variant's);
+    ``head_norm="gn"``: GroupNorm (16 groups) after each head conv, as torchvision's RetinaNet v2 head."""
     channels = fpn_channels(variant)
     fpn = cnn_fpn(backbone, variant=variant, first_stride=8, extra_blocks=LastLevelP6P7(channels, channels))
-    sizes = _anchor_sizes(P3_P7, variant, octaves=True)
+    sizes = _anchor_sizes(P3_P7, variant, octaves=True, scale=anchor_scale)
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-    detector = RetinaNet(fpn, num_classes, anchor_generator=anchors, **COMMON)
-    return _wrap(detector, P3_P7, {"name": "retinanet", "variant": variant, "backbone": backbone, "num_classes": num_classes})
+    head = None
+    if head_norm is not None:
+        if head_norm != "gn":
+            raise PkdError(f"unknown head_norm {head_norm!r}: choose gn")
+        head = RetinaNetHead(channels, anchors.num_anchors_per_location()[0], num_classes,
+                             norm_layer=partial(nn.GroupNorm, 16))
+    detector = RetinaNet(fpn, num_classes, anchor_generator=anchors, head=head, **COMMON)
+    spec = {"name": "retinanet", "variant": variant, "backbone": backbone, "num_classes": num_classes}
+    spec.update({k: v for k, v in (("anchor_scale", anchor_scale), ("head_norm", head_norm)) if v is not None})
+    return _wrap(detector, P3_P7, spec)
 
 
 def build_fcos(*, num_classes: int, variant: str = "full", backbone: str = "resnet50") -> FeatureDetector:
@@ -123,8 +141,15 @@ TEACHERS = ("swin", "swin_s", "swin_b", "resnet50")
 USES_MASKS = {"maskrcnn"}
 
 
-def build_detector(name: str, *, num_classes: int, variant: str = "full", backbone: str | None = None) -> FeatureDetector:
-    """Build detector ``name`` (a key of ``DETECTORS``) with random weights; PkdError on unknown names."""
+MODEL_OPTIONS = {"anchor_scale": {"retinanet"}, "head_norm": {"retinanet"}}  # option -> builders that take it
+
+
+def build_detector(name: str, *, num_classes: int, variant: str = "full", backbone: str | None = None,
+                   **options) -> FeatureDetector:
+    """Build detector ``name`` (a key of ``DETECTORS``) with random weights. ``options`` (``MODEL_OPTIONS``:
+    ``anchor_scale`` anchor side / stride, ``head_norm``; None means the builder's default) are kept in the
+    model's ``spec``, so a checkpoint rebuilds the same model. PkdError on unknown names and on an option
+    the detector does not take."""
     if name not in DETECTORS:
         raise PkdError(f"unknown model {name!r}: choose one of {', '.join(DETECTORS)}")
     if variant not in VARIANTS:
@@ -132,4 +157,14 @@ def build_detector(name: str, *, num_classes: int, variant: str = "full", backbo
     kwargs = {"num_classes": num_classes, "variant": variant}
     if backbone is not None and name not in TEACHERS:
         kwargs["backbone"] = backbone
+    for option, value in options.items():
+        if value is None:
+            continue
+        if option not in MODEL_OPTIONS:
+            raise PkdError(f"unknown model option {option!r}: choose one of {', '.join(MODEL_OPTIONS)}")
+        if name not in MODEL_OPTIONS[option]:
+            raise PkdError(f"--{option.replace('_', '-')} applies to {', '.join(sorted(MODEL_OPTIONS[option]))}, not {name!r}")
+        if option == "anchor_scale" and value <= 0:
+            raise PkdError(f"--anchor-scale must be positive, got {value}")
+        kwargs[option] = value
     return DETECTORS[name](**kwargs)

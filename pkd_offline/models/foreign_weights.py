@@ -118,9 +118,10 @@ def load_foreign_teacher(name: str, content: dict, checkpoint_format: str, *, nu
     return model, dict(sorted(Counter(key.split(".")[0] for key in unused).items()))
 
 
-def load_backbone_weights(model: FeatureDetector, path: Path) -> list[str]:
+def load_backbone_weights(model: FeatureDetector, path: Path | str) -> list[str]:
     """Load ImageNet classification weights (torchvision format: ``conv1.weight``, ``layer1.0...``, or
-    ``features.N...`` for MobileNetV3) from ``path`` into ``model.detector.backbone.body``.
+    ``features.N...`` for MobileNetV3) from ``path`` (a file or URL, e.g. torchvision's
+    ``https://download.pytorch.org/models/resnet50-0676ba61.pth``) into ``model.detector.backbone.body``.
 
     The backbone's batch norms are frozen afterwards (statistics and affine terms). Shapes are
     checked and every body tensor must be present (``num_batches_tracked`` excepted: older
@@ -298,6 +299,7 @@ def _torchvision_layout_teacher(state: dict, *, num_classes: int) -> FeatureDete
     return model
 
 
-def _load_weights(path: Path) -> dict:
-    """A weights file read with ``torch.load(weights_only=True)`` (nothing is unpickled)."""
-    return load_checkpoint(path, what="weights file", missing_hint="download it first (see docs/coco-recipe.md)")
+def _load_weights(path: Path | str) -> dict:
+    """A weights file or URL (fetched into torch.hub's cache) read with ``torch.load(weights_only=True)``."""
+    return load_checkpoint(path, what="weights file", missing_hint="pass an existing file or its URL "
+                           "(https://, s3://, file://; see docs/coco-recipe.md)")

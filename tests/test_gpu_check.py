@@ -1,0 +1,97 @@
+"""The GPU check runs (as ``--device cpu --quick``) and its JSON line is whole; and the CUDA-path
+causes it found, tested on CPU: verify replays extract's precision, torchrun with one process joins
+the process group (the nccl path on a GPU)."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import stages.extract
+from pkd_offline.distributed import finish, init_ranks
+from stages.extract import ExtractConfig, extract
+from stages.synth import SynthConfig, synth
+from stages.verify import VerifyConfig, verify
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADLINE = ("extract_ratio_over_forward", "step_ratio_offline_over_alone", "step_ratio_online_over_alone",
+            "read_rate_over_consumption", "offline_online_loss_rel_diff")
+MODES = ("alone", "offline_zarr", "offline_wds", "online")
+
+
+@pytest.mark.slow
+def test_quick_cpu_check_ends_with_one_whole_json_line(tmp_path):
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--quick",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=1500, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    figures = json.loads(last)
+    assert figures["errors"] == {}, figures["errors"]
+    assert figures["device"] == "cpu"
+    for key in HEADLINE:
+        assert isinstance(figures[key], float) and figures[key] >= 0, key
+    # Timing ratios are only checked to be measured (positive, finite): their values on a shared CPU
+    # are noise, and speed is the benchmarks' business, not a test's.
+    for key in ("extract_ratio_over_forward", "step_ratio_offline_over_alone", "step_ratio_online_over_alone",
+                "read_rate_over_consumption"):
+        assert 0 < figures[key] < float("inf"), key
+    assert figures["offline_online_loss_rel_diff"] < figures["loss_check"]["tolerance"] == 1e-3
+    assert figures["step_ratio_offline_over_alone"] == max(figures["step_ratio_offline_over_alone_per_format"].values())
+    assert set(figures["step_ratio_offline_over_alone_per_format"]) == {"zarr", "wds"}
+    assert set(figures["peak_gpu_memory_gb"]) == set(MODES)
+    assert all(value is None for value in figures["peak_gpu_memory_gb"].values()), "no GPU memory on a CPU run"
+    assert set(figures["step_seconds"]) == set(MODES) and all(v > 0 for v in figures["step_seconds"].values())
+    assert set(figures["read_samples_per_s"]) == {"images_only", "zarr", "wds"}
+    assert figures["verify"]["ok"] and figures["extract"]["codec"] in ("fp32", "fp16", "int8")  # the default one
+    assert figures["torchrun"]["backend"] == "gloo" and len(figures["torchrun"]["train_losses"]) == 2
+    assert figures["torchrun"]["store_digest_equal_to_single_process"]
+    assert (tmp_path / "gpu_check.json").read_text().strip() == last
+    assert "section torchrun done" in (tmp_path / "gpu_check.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return synth(SynthConfig(out=tmp_path_factory.mktemp("data"), train=3, val=1, image_size=96, seed=0))
+
+
+def test_verify_recomputes_in_the_precision_extract_used(tiny_data, tmp_path, monkeypatch):
+    """On CUDA extract runs the teacher in bf16; verify must too (bf16 vs float32 maps differ at
+    r ~ 0.9999). CPU autocast stands in for the CUDA one: the fp32 codec's threshold is 0.99999."""
+    monkeypatch.setattr(stages.extract, "AUTOCAST_DEVICE_TYPES", ("cuda", "cpu"))
+    store = extract(ExtractConfig(teacher="swin", random_init=True, variant="tiny", data=tiny_data, out=tmp_path / "f.zarr",
+                                  codec="fp32", short_side=96, max_size=96, workers=0, progress=False))
+    report = verify(VerifyConfig(store=str(store), data=tiny_data, samples=3, progress=False))
+    assert report["ok"], report["text"]
+    assert min(level["min_r"] for level in report["levels"].values()) > 0.999999
+
+
+def test_torchrun_with_one_process_joins_the_process_group(monkeypatch):
+    with socket.socket() as handle:
+        handle.bind(("127.0.0.1", 0))
+        port = handle.getsockname()[1]
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    ranks = init_ranks(torch.device("cpu"))
+    try:
+        assert ranks.distributed and ranks.is_main and ranks.world_size == 1
+        assert dist.is_initialized() and dist.get_backend() == "gloo"
+    finally:
+        finish(ranks)
+    assert not dist.is_initialized()
+
+
+def test_without_torchrun_no_process_group(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    ranks = init_ranks(torch.device("cpu"))
+    assert not ranks.distributed and not dist.is_initialized()
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
