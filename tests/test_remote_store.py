@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 from storage import StoreError, create_store, describe, open_store  # noqa: E402
 from storage.testing import tiny_manifest, tiny_samples, write_store  # noqa: E402
+
+from loopback_s3 import loopback_s3  # noqa: E402
 
 BUCKET = "pkd-test"
 NAMES = {"zarr": "features.zarr", "wds": "shards/"}
@@ -19,34 +21,8 @@ NAMES = {"zarr": "features.zarr", "wds": "shards/"}
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """An empty bucket on a moto server at 127.0.0.1; yields an s3fs filesystem for inspecting objects."""
-    import s3fs
-
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    nowhere = tmp_path_factory.mktemp("aws") / "absent"
-    with pytest.MonkeyPatch.context() as patch:
-        # Exactly what a user sets for an S3-compatible endpoint; the config files are pointed
-        # away so nothing from this machine's ~/.aws leaks in, and nothing but loopback is contacted.
-        for name, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                            "AWS_CONFIG_FILE": str(nowhere), "AWS_SHARED_CREDENTIALS_FILE": str(nowhere),
-                            "AWS_EC2_METADATA_DISABLED": "true", "NO_PROXY": "127.0.0.1",
-                            "no_proxy": "127.0.0.1"}.items():
-            patch.setenv(name, value)
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-            patch.delenv(name, raising=False)
-        s3fs.S3FileSystem.clear_instance_cache()  # a cached client would keep another endpoint
-        fs = s3fs.S3FileSystem()
-        fs.mkdir(BUCKET)
-        try:
-            yield fs
-        finally:
-            # moto keeps its buckets in the process, not in the server: remove this one so the next
-            # module that starts the fixture (test_projection imports it) begins with an empty bucket.
-            fs.rm(BUCKET, recursive=True)
-            s3fs.S3FileSystem.clear_instance_cache()
-            server.stop()
+    with loopback_s3(BUCKET, tmp_path_factory.mktemp("aws")) as fs:
+        yield fs
 
 
 @pytest.fixture(params=sorted(NAMES))

@@ -265,7 +265,7 @@ def test_every_weights_flag_keeps_a_url_whole(argv, config_class, field):
     assert getattr(make_config(config_class, {}, vars(args)), field) == url
 
 
-# --- s3:// against moto on the loopback interface (the start-up of tests/test_remote_store.py) -----------
+# --- s3:// against moto on the loopback interface (tests/loopback_s3.py) -----------
 
 BUCKET = "pkd-weights"
 
@@ -274,29 +274,11 @@ BUCKET = "pkd-weights"
 def s3(tmp_path_factory):
     """An empty bucket on a moto server at 127.0.0.1, reached only through the standard AWS environment."""
     pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    import s3fs
+    pytest.importorskip("moto.server")
+    from loopback_s3 import loopback_s3
 
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    nowhere = tmp_path_factory.mktemp("aws") / "absent"
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                            "AWS_CONFIG_FILE": str(nowhere), "AWS_SHARED_CREDENTIALS_FILE": str(nowhere),
-                            "AWS_EC2_METADATA_DISABLED": "true"}.items():
-            patch.setenv(name, value)
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-            patch.delenv(name, raising=False)
-        s3fs.S3FileSystem.clear_instance_cache()
-        fs = s3fs.S3FileSystem()
-        fs.mkdir(BUCKET)
-        try:
-            yield fs
-        finally:
-            s3fs.S3FileSystem.clear_instance_cache()
-            server.stop()
+    with loopback_s3(BUCKET, tmp_path_factory.mktemp("aws")) as fs:
+        yield fs
 
 
 def test_s3_checkpoint_is_fetched_checked_and_recorded(s3, tmp_path, teacher_file, other_teacher_bytes):
