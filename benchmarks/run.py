@@ -1,12 +1,17 @@
 """Benchmarks: the store removes the teacher's cost. Every figure is a ratio measured side by side in one run.
 
-    python benchmarks/run.py --quick      # < 5 min on a 2-core CPU
-    python benchmarks/run.py              # the full sizes
-    python benchmarks/run.py --device cuda --image-size 1333 --variant full   # COCO resolution on a GPU
+    python benchmarks/run.py --quick               # the paper's pair (the headline), < 5 min on a 2-core CPU
+    python benchmarks/run.py                       # the paper's pair, more steps and rounds
+    python benchmarks/run.py --pair tiny --quick   # the tiny pair: the data path's stress case
+    python benchmarks/run.py --pair tiny --device cuda --image-size 1333 --variant full   # COCO resolution on a GPU
 
-Prints tables, then one JSON line with step_ratio_offline_over_alone, step_ratio_online_over_alone,
-extract_ratio_over_forward, read_rate_over_consumption, bytes_ratio_default_codec_over_fp32 and
-min_r_default_codec (and the rest of the figures).
+``--pair paper`` (benchmarks/paper_pair.py: Swin-S -> RetinaNet-R50, full width, index pairing,
+projected layout) ends with one JSON line with paper_step_ratio_offline_over_alone (the worse store
+format), paper_step_ratio_online_over_alone, paper_offline_over_online and
+paper_extract_ratio_over_forward. ``--pair tiny`` prints tables, then one JSON line with
+step_ratio_offline_over_alone, step_ratio_online_over_alone, extract_ratio_over_forward,
+read_rate_over_consumption, bytes_ratio_default_codec_over_fp32 and min_r_default_codec (and the
+rest of the figures).
 """
 
 from __future__ import annotations
@@ -306,6 +311,8 @@ def bench_synth(work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--pair", choices=("paper", "tiny"), default="paper",
+                        help="paper: Swin-S -> RetinaNet-R50 at full width (the headline); tiny: the stress case")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--variant", default="tiny")
     parser.add_argument("--student-backbone", default="resnet18")
@@ -316,6 +323,9 @@ def main() -> None:
     args = parser.parse_args()
     args.images, args.steps, args.rounds = (16, 4, 3) if args.quick else (64, 8, 5)
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.pair == "paper":
+        main_paper(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = synth(SynthConfig(out=work / "data", train=args.images, val=2, image_size=args.image_size, seed=0))
@@ -364,6 +374,19 @@ def main() -> None:
         "scale": scale, "ranks": ranks, "synth": synthetic, "coco_projection_gb": projection,
         "codecs": {k: v for k, v in codecs.items() if isinstance(v, dict)},
     }
+    print(json.dumps(summary, default=float))
+
+
+def main_paper(args) -> None:
+    """The paper's pair (``benchmarks/paper_pair.py``), at sizes that fit a few minutes on a 2-core CPU."""
+    from paper_pair import bench_paper
+
+    args.codec = DEFAULT_CODEC
+    args.paper_images, args.paper_steps, args.paper_rounds, args.paper_extract_rounds = (
+        (4, 2, 2, 1) if args.quick else (8, 3, 3, 2))
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, device {args.device}")
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = bench_paper(args, Path(tmp))
     print(json.dumps(summary, default=float))
 
 

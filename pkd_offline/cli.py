@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -153,7 +154,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "train":
         from stages.train import TrainConfig, train
 
-        print(train(make_config(TrainConfig, params, _flags(args))))
+        path = train(make_config(TrainConfig, params, _flags(args)))
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports the result
+            print(path)
     elif args.command == "eval":
         from stages.evaluate import EvalConfig, evaluate
 

@@ -71,6 +71,17 @@ def read_image(path: Path) -> Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
+def decode_image(data: bytes, where: str) -> Tensor:
+    """Decode an image file's bytes (as a store holds them) to a (3, H, W) uint8 tensor, as :func:`read_image`
+    decodes the file; PkdError naming ``where`` if they are not an image."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            array = np.asarray(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as error:
+        raise PkdError(f"{where} is not a readable image ({error}): re-extract the store") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
 class CocoDetection(Dataset):
     """Items are ``dataset[(image_index, view_index)]`` (see :class:`ViewSampler`).
 

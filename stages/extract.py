@@ -255,7 +255,8 @@ def extract(cfg: ExtractConfig) -> Path | str:
         views=[v.to_dict() for v in views],
         dataset={"annotation_sha256": file_sha256(dataset.annotation_file), "split": cfg.split,
                  "annotation_file": dataset.annotation_file.name, "image_ids": dataset.image_ids},
-        samples_per_shard=cfg.samples_per_shard, skipped=skipped)
+        samples_per_shard=cfg.samples_per_shard, skipped=skipped,
+        categories=[{"id": c, "name": str(dataset.coco.cats[c].get("name", c))} for c in dataset.category_ids])
     if ranks.is_main:
         writer = create_store(str(cfg.out), manifest, overwrite=bool(cfg.overwrite))
     barrier(ranks)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from pkd_offline.data import CocoDetection, ViewSampler, file_sha256
+from pkd_offline.data import CocoDetection, ViewSampler, decode_image, file_sha256
 from pkd_offline.errors import PkdError
-from pkd_offline.models import FeatureDetector
-from pkd_offline.views import View
+from pkd_offline.models import USES_MASKS, FeatureDetector
+from pkd_offline.views import View, apply_view
 from storage import Sample, StoreError, open_store
 from storage.base import StoreReader
 
@@ -21,16 +22,89 @@ def store_views(path: Path | str) -> list[View]:
     return [View.from_dict(view) for view in open_store(str(path)).manifest.views]
 
 
-def check_store_fits(path: Path | str, dataset: CocoDetection, student: FeatureDetector) -> StoreReader:
+class StoreImages:
+    """The training data of a store written with ``extract --with-images``, without the data directory.
+
+    It stands where :class:`CocoDetection` stands for :class:`StoreStream`: ``split``, ``image_ids``
+    (store order), ``category_ids`` (contiguous label ``i + 1`` is ``category_ids[i]``), ``num_classes``
+    (with background), ``views``; :meth:`item` makes a sample's data item (the stored image file
+    decoded and replayed through its view; the stored target, already in the view's pixels).
+    """
+
+    with_masks = False
+
+    def __init__(self, store_path: Path | str, manifest, views: list[View]) -> None:
+        self.store_path, self.views = store_path, list(views)
+        self.split = manifest.dataset.get("split")
+        self.image_ids: list[int] = list(manifest.image_ids)
+        self.category_ids: list[int] = [category["id"] for category in manifest.categories]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.category_ids) + 1
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def item(self, image_index: int, sample: Sample) -> dict:
+        """The item ``CocoDetection[(image_index, sample.view_index)]`` gives, from the sample's ``jpg`` and
+        ``target.json``: ``image`` (3, h, w) float32 0..1, ``target`` boxes (K, 4) xyxy view px, labels (K,)."""
+        where = f"image {sample.image_id} (view {sample.view_index}) in store {self.store_path}"
+        if "jpg" not in sample.extras or "target.json" not in sample.extras:
+            raise PkdError(f"{where} has no image or target: re-extract the store with `extract --with-images`")
+        image = decode_image(sample.extras["jpg"], where)
+        view_image, _ = apply_view(image, None, self.views[sample.view_index])
+        try:
+            stored = json.loads(sample.extras["target.json"])
+            boxes = torch.tensor(stored["boxes"], dtype=torch.float32).reshape(-1, 4)
+            labels = torch.tensor(stored["labels"], dtype=torch.int64).reshape(-1)
+        except (ValueError, TypeError, KeyError, RuntimeError, UnicodeDecodeError) as error:
+            raise PkdError(f"{where}: target.json is malformed ({error}); re-extract the store") from None
+        if len(labels) != len(boxes) or bool(((labels < 1) | (labels > len(self.category_ids))).any()):
+            raise PkdError(f"{where}: target.json has {len(boxes)} boxes, {len(labels)} labels, or labels outside "
+                           f"1..{len(self.category_ids)}; re-extract the store")
+        return {"image": view_image,
+                "target": {"boxes": boxes, "labels": labels, "image_id": torch.tensor(sample.image_id)},
+                "image_id": sample.image_id, "image_index": image_index, "view_index": sample.view_index,
+                "image_hw": tuple(view_image.shape[-2:]), "original_hw": tuple(image.shape[-2:])}
+
+
+def store_dataset(path: Path | str, views: list[View], student: str) -> StoreImages:
+    """The training data of the store at ``path`` alone (no ``--data``); one-line PkdError when the store
+    cannot feed training by itself: not WebDataset, no images (not ``--with-images``), no categories, or a
+    student that needs masks (a store holds boxes and labels only)."""
+    store = open_store(str(path))
+    manifest = store.manifest
+    fix = "re-extract it with `extract --with-images` (WebDataset), or pass --data DIR"
+    if student in USES_MASKS:
+        raise PkdError(f"{student} needs instance masks, which a feature store does not hold: pass --data DIR "
+                       f"to train it from the data directory")
+    if manifest.format != "wds":
+        raise PkdError(f"store {path} is {manifest.format}: training without --data reads images from a WebDataset "
+                       f"store; {fix}")
+    if manifest.n_samples == 0 or not {"jpg", "target.json"} <= set(store.read(0).extras):
+        raise PkdError(f"store {path} holds no images and targets (extracted without --with-images); {fix}")
+    if manifest.categories is None:
+        raise PkdError(f"store {path} records no categories (written by an older version); {fix}")
+    return StoreImages(path, manifest, views)
+
+
+def check_store_fits(path: Path | str, dataset: CocoDetection | StoreImages, student: FeatureDetector) -> StoreReader:
     """Open the store and refuse it, naming what differs, unless it was made from this data for this student.
 
     Checked: annotation file hash, split, image ids (less the images the store skipped, which are
     dropped from ``dataset``), input normalisation, and channel counts. Level pairing is checked by
-    ``pair_levels`` against the manifest's strides.
+    ``pair_levels`` against the manifest's strides. Data read from the store itself (:class:`StoreImages`)
+    is checked for normalisation and channels only.
     """
     store = open_store(str(path))
     manifest = store.manifest
     problems = []
+    if isinstance(dataset, StoreImages):
+        _check_student(manifest, student, problems)
+        if problems:
+            raise PkdError(f"feature store {path} does not fit this run: {'; '.join(problems)}")
+        return store
     annotation_sha = file_sha256(dataset.annotation_file)
     if manifest.dataset.get("annotation_sha256") != annotation_sha:
         problems.append(f"annotation file {dataset.annotation_file} (sha256 {annotation_sha[:12]}...) is not the one the "
@@ -43,6 +117,14 @@ def check_store_fits(path: Path | str, dataset: CocoDetection, student: FeatureD
         missing = sorted(set(wanted) - set(manifest.image_ids))
         problems.append(f"image ids differ ({len(manifest.image_ids)} in the store, {len(wanted)} in the data; "
                         f"missing e.g. {missing[:5]})")
+    _check_student(manifest, student, problems)
+    if problems:
+        raise PkdError(f"feature store {path} does not fit this run: {'; '.join(problems)}")
+    dataset.image_ids = wanted
+    return store
+
+
+def _check_student(manifest, student: FeatureDetector, problems: list[str]) -> None:
     normalization = student.transform.normalization()
     if manifest.normalization != normalization:
         problems.append(f"input normalisation {manifest.normalization} vs the student's {normalization}")
@@ -50,10 +132,6 @@ def check_store_fits(path: Path | str, dataset: CocoDetection, student: FeatureD
     if channels != {student.channels}:
         problems.append(f"teacher maps have {sorted(channels)} channels, the student's FPN {student.channels} "
                         f"(use the teacher's --variant)")
-    if problems:
-        raise PkdError(f"feature store {path} does not fit this run: {'; '.join(problems)}")
-    dataset.image_ids = wanted
-    return store
 
 
 def join_features(item: dict, sample: Sample) -> dict:
@@ -129,14 +207,15 @@ class StoreJoinedDataset(Dataset):
 class StoreStream(IterableDataset):
     """Streams a store shard by shard (the WebDataset way): each DataLoader worker, and each rank,
     reads a disjoint set of shards sequentially and keeps, per image, only the view chosen for the
-    epoch (the same choice :class:`ViewSampler` makes), joined with its image and target.
+    epoch (the same choice :class:`ViewSampler` makes), joined with its image and target: from the data
+    directory (``dataset`` a :class:`CocoDetection`) or from the sample itself (a :class:`StoreImages`).
 
     A shuffle buffer of ``shuffle_buffer`` samples mixes the order (seeded by seed, epoch, worker).
     One epoch yields every image once. ``set_epoch`` works as on a sampler.
     """
 
-    def __init__(self, dataset: CocoDetection, store_path: Path | str, *, seed: int = 0, shuffle_buffer: int = 256,
-                 rank: int = 0, num_replicas: int = 1, skip_damaged: bool = False) -> None:
+    def __init__(self, dataset: CocoDetection | StoreImages, store_path: Path | str, *, seed: int = 0,
+                 shuffle_buffer: int = 256, rank: int = 0, num_replicas: int = 1, skip_damaged: bool = False) -> None:
         self.dataset, self.store_path = dataset, store_path
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.rank, self.num_replicas = rank, num_replicas
@@ -171,7 +250,11 @@ class StoreStream(IterableDataset):
             index = image_index.get(sample.image_id)
             if index is None or chosen[index] != sample.view_index:
                 continue
-            buffer.append(join_features(self.dataset[(index, sample.view_index)], sample))
+            if isinstance(self.dataset, StoreImages):
+                item = self.dataset.item(index, sample)
+            else:
+                item = self.dataset[(index, sample.view_index)]
+            buffer.append(join_features(item, sample))
             if len(buffer) >= self.shuffle_buffer:
                 yield buffer.pop(generator.randrange(len(buffer)))
         generator.shuffle(buffer)

@@ -8,6 +8,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -25,13 +26,17 @@ from pkd_offline.models import USES_MASKS, build_detector
 from pkd_offline.views import make_views
 from stages.teachers import load_teacher
 
+if TYPE_CHECKING:
+    from pkd_offline.views import View
+    from stages.store_data import StoreImages
+
 
 @dataclass
 class TrainConfig:
     """Everything one training run needs; pixel sizes in px, ``alpha`` per distilled level."""
 
     student: str = "retinanet"
-    data: Path = Path("data/synth")
+    data: Path | None = None  # None: train from --features alone (a WebDataset store written --with-images)
     out: Path = Path("runs/student")
     split: str = "train"
     val_split: str | None = "val"
@@ -80,6 +85,22 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opt
     raise PkdError(f"unknown optimizer {cfg.optimizer!r}: choose sgd or adamw")
 
 
+def training_data(cfg: TrainConfig, views: list[View]) -> CocoDetection | StoreImages:
+    """The training data set: the data directory ``cfg.data``, or without it the store ``cfg.features`` alone
+    (:class:`stages.store_data.StoreImages`; one-line PkdError when the store cannot feed training by itself)."""
+    if cfg.data is not None:
+        return CocoDetection(cfg.data, cfg.split, views, with_masks=cfg.student in USES_MASKS)
+    if cfg.features is None:
+        raise PkdError("--data DIR is needed (or --features STORE written by `extract --with-images`, to train "
+                       "from the store alone)")
+    if cfg.eval_every and cfg.val_split:
+        raise PkdError("--eval-every reads a val set from --data DIR: pass --data, or train from the store alone "
+                       "without --eval-every and run `eval --data DIR` afterwards")
+    from stages.store_data import store_dataset
+
+    return store_dataset(cfg.features, views, cfg.student)
+
+
 def setup_distillation(cfg: TrainConfig, dataset: CocoDetection, model, device: torch.device, ranks: Ranks):
     """The training dataset (joined with the store when offline) and the Distillation, or None for plain runs."""
     if cfg.online_per_image and cfg.teacher is None:
@@ -109,7 +130,8 @@ def setup_distillation(cfg: TrainConfig, dataset: CocoDetection, model, device: 
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Train ``cfg.student`` on ``cfg.data``/``cfg.split``; writes ``out/model.pt``, ``out/log.jsonl``
+    """Train ``cfg.student`` on ``cfg.data``/``cfg.split`` (without ``cfg.data``: on the images and targets
+    of the WebDataset store ``cfg.features``, evaluation off); writes ``out/model.pt``, ``out/log.jsonl``
     (one line per step) and, with ``eval_every``, ``out/eval.jsonl``. Returns the model.pt path.
 
     Under torchrun: DistributedDataParallel, each rank a disjoint part of every epoch (the batch
@@ -128,7 +150,7 @@ def train(cfg: TrainConfig) -> Path:
         from stages.store_data import store_views
 
         views = store_views(cfg.features)
-    dataset = CocoDetection(cfg.data, cfg.split, views, with_masks=cfg.student in USES_MASKS)
+    dataset = training_data(cfg, views)
     model = build_detector(cfg.student, num_classes=dataset.num_classes, variant=cfg.variant, backbone=cfg.backbone,
                            anchor_scale=cfg.anchor_scale, head_norm=cfg.head_norm)
     if cfg.backbone_weights is not None:

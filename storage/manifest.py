@@ -56,6 +56,10 @@ class Manifest:
     the levels in ``projected`` hold ``U^T (valid * t)`` at the paired student stride (one row and
     column past the image's valid student map) plus the float64 parts ``sum`` and ``sum_sq`` (C,);
     the other levels the full map. Exact for batches padded to multiples of ``size_divisor``.
+
+    ``categories`` is the annotation file's ``[{"id", "name"}, ...]`` sorted by id (contiguous label
+    ``i + 1`` is ``categories[i]``), so a store written with images can feed training alone; ``None``
+    in stores written before it was recorded.
     """
 
     format: str
@@ -69,6 +73,7 @@ class Manifest:
     shards: list[ShardRecord] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     layout: dict = field(default_factory=lambda: {"name": "full"})
+    categories: list[dict] | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -140,10 +145,12 @@ class Manifest:
             )
         if "layout" not in raw:  # stores written before layouts hold full maps
             raw["layout"] = {"name": "full"}
+        if "categories" not in raw:  # stores written before categories were recorded
+            raw["categories"] = None
         expected = {
             "layout": dict, "format": str, "teacher": dict, "normalization": dict, "levels": list, "codec": str,
             "views": list, "dataset": dict, "samples_per_shard": int, "shards": list,
-            "skipped": list, "format_version": int,
+            "skipped": list, "format_version": int, "categories": object,  # categories: checked by _validate
         }
         _check_keys("manifest", raw, expected)
         levels = [LevelSpec(**_check_keys("manifest level", item, dict.fromkeys(
@@ -159,7 +166,8 @@ class Manifest:
         """Differences that make ``other`` a different job, as ``"field: <self> vs <other>"`` lines ([] = same job).
 
         Compares format, teacher, normalization, levels, codec, views, dataset, samples_per_shard and layout;
-        not the shards written or the images skipped.
+        not the shards written, the images skipped, or the categories (which follow from the annotation
+        file, whose sha256 ``dataset`` holds: a store written before categories were recorded resumes).
         """
         # Compare as JSON sees them (tuples become lists, dict keys strings), as a stored manifest is read back.
         mine, theirs = json.loads(self.to_json()), json.loads(other.to_json())
@@ -191,6 +199,7 @@ class Manifest:
         if not self.views:
             fail("no views")
         self._validate_layout(fail)
+        self._validate_categories(fail)
         image_ids = self.dataset.get("image_ids")
         if not isinstance(image_ids, list) or not all(_is_int(i) for i in image_ids):
             fail("dataset.image_ids must be a list of integer image ids")
@@ -207,6 +216,18 @@ class Manifest:
             if not isinstance(record.sha256, str) or not _SHA256.match(record.sha256):
                 fail(f"shard {record.index} sha256 {record.sha256!r} is not 64 lowercase hex digits")
 
+
+    def _validate_categories(self, fail) -> None:
+        categories = self.categories
+        if categories is None:
+            return
+        if not isinstance(categories, list) or not all(
+                isinstance(c, dict) and set(c) == {"id", "name"} and _is_int(c["id"]) and isinstance(c["name"], str)
+                for c in categories):
+            fail('categories must be a list of {"id": integer, "name": string} objects')
+        ids = [c["id"] for c in categories]
+        if ids != sorted(set(ids)):
+            fail(f"category ids {ids[:10]} must be unique and sorted")
 
     def _validate_layout(self, fail) -> None:
         layout = self.layout

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend choice)
 def plot_study(report: dict, out: Path) -> Path:
     """Write a PNG of ``report["arms"]`` (names on x, box mAP 0..1 on y); the teacher's mAP as a line if present."""
     names = list(report["arms"])
-    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2.5, 4.0))
+    fig, ax = plt.subplots(figsize=(max(1.2 * len(names) + 2.5, 6.5), 4.0))  # wide enough for the title
     for x, name in enumerate(names):
         arm = report["arms"][name]
         ax.errorbar([x], [arm["mean"]], yerr=[arm["std"]], fmt="o", color="black", capsize=6, markersize=7)

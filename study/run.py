@@ -3,6 +3,8 @@
     python -m study.run                                  # everything in study/params.yaml, on the CPU
     python -m study.run --device cuda --jobs 6           # on a GPU, six student runs at a time
     python -m study.run --arms baseline offline_index --seeds 0 1   # a subset (the JSON says what ran)
+    OMP_NUM_THREADS=1 python -m study.run                # on a CPU shared with other jobs: one torch thread
+                                                         # a run (two threads under load: 3-4x slower a step here)
 
 Steps, each skipped when its output already exists (so a stopped study resumes; ``--fresh`` redoes all):
 synthetic data -> teacher (trained once) -> teacher eval -> feature store (extracted once) -> every

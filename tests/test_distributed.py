@@ -128,6 +128,7 @@ def test_two_process_ddp_training_from_a_store(small_data, tmp_path):
                     "--workers", "0", "--features", str(store), "--eval-every", "3", "--lr", "0.002", "--no-progress",
                     script=probe)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == [str(run / "model.pt")], "rank 0 alone prints the result path"
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in log] == [1, 2, 3], "rank 0 alone writes the log"
     assert all(r["loss_pkd"] > 0 for r in log)
