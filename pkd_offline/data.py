@@ -59,27 +59,30 @@ def load_coco(path: Path):
     return coco
 
 
+def _rgb_tensor(source) -> Tensor:
+    """Decode an image file (a path or a binary file object) to a (3, H, W) uint8 RGB tensor."""
+    with Image.open(source) as image:
+        array = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
 def read_image(path: Path) -> Tensor:
     """Decode an image file to a (3, H, W) uint8 tensor; PkdError naming the file if missing or corrupt."""
     try:
-        with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"))
+        return _rgb_tensor(path)
     except FileNotFoundError:
         raise PkdError(f"image {path} not found: check --data and the annotation file's file_name") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise PkdError(f"image {path} is corrupt ({error}): replace it or remove it from the annotation file") from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 def decode_image(data: bytes, where: str) -> Tensor:
     """Decode an image file's bytes (as a store holds them) to a (3, H, W) uint8 tensor, as :func:`read_image`
     decodes the file; PkdError naming ``where`` if they are not an image."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            array = np.asarray(image.convert("RGB"))
+        return _rgb_tensor(io.BytesIO(data))
     except (OSError, SyntaxError, ValueError) as error:
         raise PkdError(f"{where} is not a readable image ({error}): re-extract the store") from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 class CocoDetection(Dataset):

@@ -99,12 +99,19 @@ def check_store_fits(path: Path | str, dataset: CocoDetection | StoreImages, stu
     """
     store = open_store(str(path))
     manifest = store.manifest
+    from_directory = isinstance(dataset, CocoDetection)
+    problems, wanted = _data_problems(manifest, dataset) if from_directory else ([], None)
+    problems += _student_problems(manifest, student)
+    if problems:
+        raise PkdError(f"feature store {path} does not fit this run: {'; '.join(problems)}")
+    if from_directory:
+        dataset.image_ids = wanted
+    return store
+
+
+def _data_problems(manifest, dataset: CocoDetection) -> tuple[list[str], list[int]]:
+    """What differs between the store and the data directory, and the data's image ids less those the store skipped."""
     problems = []
-    if isinstance(dataset, StoreImages):
-        _check_student(manifest, student, problems)
-        if problems:
-            raise PkdError(f"feature store {path} does not fit this run: {'; '.join(problems)}")
-        return store
     annotation_sha = file_sha256(dataset.annotation_file)
     if manifest.dataset.get("annotation_sha256") != annotation_sha:
         problems.append(f"annotation file {dataset.annotation_file} (sha256 {annotation_sha[:12]}...) is not the one the "
@@ -117,14 +124,12 @@ def check_store_fits(path: Path | str, dataset: CocoDetection | StoreImages, stu
         missing = sorted(set(wanted) - set(manifest.image_ids))
         problems.append(f"image ids differ ({len(manifest.image_ids)} in the store, {len(wanted)} in the data; "
                         f"missing e.g. {missing[:5]})")
-    _check_student(manifest, student, problems)
-    if problems:
-        raise PkdError(f"feature store {path} does not fit this run: {'; '.join(problems)}")
-    dataset.image_ids = wanted
-    return store
+    return problems, wanted
 
 
-def _check_student(manifest, student: FeatureDetector, problems: list[str]) -> None:
+def _student_problems(manifest, student: FeatureDetector) -> list[str]:
+    """What differs between the store and the student: input normalisation, channel counts."""
+    problems = []
     normalization = student.transform.normalization()
     if manifest.normalization != normalization:
         problems.append(f"input normalisation {manifest.normalization} vs the student's {normalization}")
@@ -132,6 +137,7 @@ def _check_student(manifest, student: FeatureDetector, problems: list[str]) -> N
     if channels != {student.channels}:
         problems.append(f"teacher maps have {sorted(channels)} channels, the student's FPN {student.channels} "
                         f"(use the teacher's --variant)")
+    return problems
 
 
 def join_features(item: dict, sample: Sample) -> dict:

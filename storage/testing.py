@@ -6,6 +6,10 @@ look like FPN maps to a compressor; map sizes are ragged, ``ceil(image_hw / stri
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 
 from storage.manifest import LevelSpec, Manifest
@@ -80,3 +84,16 @@ def write_store(path: str, manifest: Manifest, samples: list[Sample]):
         span = manifest.shard_range(k)
         writer.write_shard(k, samples[span.start: span.stop])
     return writer.finalize()
+
+
+def killed_copy(store: Path, killed: Path, unfinished_shards: tuple[int, ...]) -> Path:
+    """Copy a finished local ``store`` to ``killed`` in the state a kill leaves: the manifest lists no
+    finished shards and ``unfinished_shards`` have no completion marker. Returns ``killed``."""
+    shutil.copytree(store, killed)
+    manifest_path = killed / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["shards"] = []
+    manifest_path.write_text(json.dumps(manifest))
+    for k in unfinished_shards:
+        (killed / "shards" / f"{k:06d}.json").unlink()
+    return killed

@@ -14,6 +14,7 @@ from stages.extract import ExtractConfig, extract
 from stages.teachers import load_teacher
 from stages.verify import VerifyConfig, verify
 from storage import CODECS, StoreError, describe, open_store
+from storage.testing import killed_copy
 
 
 def config(data: Path, out: Path, **overrides) -> ExtractConfig:
@@ -67,13 +68,7 @@ def test_resumed_extraction_equals_uninterrupted(synth_data, tmp_path, store_nam
     full = extract(config(synth_data, tmp_path / "full" / store_name))
     expected = describe(open_store(str(full)))["digest"]
     # The state a kill leaves: two shards finished, one half written, the manifest unfinished.
-    killed = tmp_path / "killed" / store_name
-    shutil.copytree(full, killed)
-    manifest = json.loads((killed / "manifest.json").read_text())
-    manifest["shards"] = []
-    (killed / "manifest.json").write_text(json.dumps(manifest))
-    for k in (2, 3):
-        (killed / "shards" / f"{k:06d}.json").unlink()
+    killed = killed_copy(full, tmp_path / "killed" / store_name, unfinished_shards=(2, 3))
     shard_files = sorted(p for p in killed.rglob("*") if p.is_file() and "shards" not in p.parts and p.name != "manifest.json")
     untouched = {p: p.stat().st_mtime_ns for p in shard_files}
     # What a kill inside a write leaves: the atomic writes' temporary files, here full of junk.

@@ -7,7 +7,6 @@ then through the real data path: ``extract --layout projected`` stores read by t
 import importlib.util
 import json
 import math
-import shutil
 import subprocess
 import sys
 
@@ -26,6 +25,7 @@ from stages.inspect import inspect_store
 from stages.store_data import StoreJoinedDataset, StoreStream, store_views
 from stages.verify import VerifyConfig, verify
 from storage import Manifest, StoreError, describe, open_store
+from storage.testing import killed_copy
 
 INDEX_PAIRS = [(8, 4), (16, 8), (32, 16), (64, 32)]
 # Ragged batches, px: the first image fills its frame (the fold), 288 px is an odd number of P5 cells
@@ -233,13 +233,7 @@ def test_projected_store_is_four_times_smaller_inspected_verified_and_resumable(
     report = verify(VerifyConfig(store=store, data=synth_data, samples=3))
     assert report["ok"], report["text"]
     # A kill: shards 1 and 2 unfinished; resuming gives the same content.
-    killed = tmp_path / "killed" / store_name
-    shutil.copytree(store, killed)
-    manifest = json.loads((killed / "manifest.json").read_text())
-    manifest["shards"] = []
-    (killed / "manifest.json").write_text(json.dumps(manifest))
-    for k in (1, 0):
-        (killed / "shards" / f"{k:06d}.json").unlink()
+    killed = killed_copy(store, tmp_path / "killed" / store_name, unfinished_shards=(1, 0))
     extract(projected(synth_data, killed, codec="fp32"))
     assert describe(open_store(str(killed)))["digest"] == summary["digest"]
 
