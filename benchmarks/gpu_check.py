@@ -19,6 +19,7 @@ import dataclasses
 import gc
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -41,7 +42,7 @@ from pkd_offline.data import CocoDetection, ViewSampler, collate  # noqa: E402
 from pkd_offline.distributed import Ranks  # noqa: E402
 from pkd_offline.engine import distillation_loss, training_step  # noqa: E402
 from pkd_offline.models import build_detector  # noqa: E402
-from stages.extract import teacher_autocast  # noqa: E402
+from stages.extract import default_writer_threads, teacher_autocast  # noqa: E402
 from stages.store_data import StoreJoinedDataset, store_views  # noqa: E402
 from stages.teachers import load_teacher  # noqa: E402
 from stages.train import TrainConfig, build_optimizer, setup_distillation  # noqa: E402
@@ -55,9 +56,8 @@ LOSS_REL_TOLERANCE = 1e-3
 
 @dataclass
 class Sizes:
-    """How big the check runs: ``images`` in the training store (half of them for the marginal
-    extraction rate), synthetic images of ``image_size`` px long side, views resized to
-    ``short_side``/``max_size`` px, ``steps`` timed training steps per mode after ``warmup``."""
+    """How big the check runs: ``images`` in the training store (half of them for the torchrun check),
+    synthetic images of ``image_size`` px long side, views resized to ``short_side``/``max_size`` px, ``steps`` timed training steps per mode after ``warmup``."""
 
     images: int
     image_size: int
@@ -73,14 +73,15 @@ class Sizes:
     torchrun_iters: int
     backbone: str
     budget_seconds: int  # sections not started by then are skipped, so the JSON line always comes
+    samples_per_shard: int  # store shards >= loader workers, so every worker streams and writes overlap forwards
 
 
-FULL = Sizes(images=24, image_size=1333, short_side=800, max_size=1333, variant="full", batch_size=2,
+FULL = Sizes(images=48, image_size=1333, short_side=800, max_size=1333, variant="full", batch_size=2,
              extract_batch_size=8, warmup=3, steps=15, forward_rounds=3, verify_samples=3, torchrun_iters=3,
-             backbone="resnet50", budget_seconds=330)
+             backbone="resnet50", budget_seconds=330, samples_per_shard=4)
 QUICK = Sizes(images=8, image_size=160, short_side=128, max_size=160, variant="tiny", batch_size=2,
               extract_batch_size=4, warmup=1, steps=3, forward_rounds=2, verify_samples=2, torchrun_iters=2,
-              backbone="resnet18", budget_seconds=600)
+              backbone="resnet18", budget_seconds=600, samples_per_shard=4)
 TEACHER, STUDENT, LEVELS, LEVEL_MAP = "swin_s", "retinanet", "2,3,4,5", "index"
 START = time.perf_counter()
 DEADLINE = [START + 600.0]  # subprocesses are killed past it (set from the budget in main)
@@ -101,9 +102,9 @@ def free_port() -> int:
         return handle.getsockname()[1]
 
 
-def cli(args: list[str], *, torchrun: bool = False) -> tuple[float, str]:
+def cli(args: list[str], *, torchrun: bool = False) -> tuple[float, str, str]:
     """Run ``python -m pkd_offline ARGS`` (under ``torchrun --nproc_per_node 1`` if asked): (wall
-    seconds, stdout). A non-zero exit (but verify's 1, a failed check) raises with its stderr's end."""
+    seconds, stdout, stderr). A non-zero exit (but verify's 1, a failed check) raises with its stderr's end."""
     launcher = [sys.executable, "-m", "pkd_offline"]
     if torchrun:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_addr",
@@ -122,13 +123,17 @@ def cli(args: list[str], *, torchrun: bool = False) -> tuple[float, str]:
     seconds = time.perf_counter() - tick
     if process.returncode not in (0, 1) or (process.returncode == 1 and args[0] != "verify"):
         raise RuntimeError(f"exit {process.returncode}: {' '.join(args[:2])}: {stderr.strip()[-1500:]}")
-    return seconds, stdout
+    return seconds, stdout, stderr
+
+
+EXTRACT_RATE = re.compile(r"extract: (\d+) samples in ([0-9.]+) s from the first batch")
 
 
 def extract_args(args, sizes: Sizes, data: Path, out: Path, *extra: str) -> list[str]:
     return ["extract", "--teacher", TEACHER, "--variant", sizes.variant, "--random-init", "--data", str(data),
             "--out", str(out), "--levels", LEVELS, "--short-side", str(sizes.short_side), "--max-size",
             str(sizes.max_size), "--batch-size", str(sizes.extract_batch_size), "--workers", str(args.workers),
+            "--samples-per-shard", str(sizes.samples_per_shard),
             "--device", args.device, "--no-progress", "--overwrite", *extra]
 
 
@@ -142,23 +147,19 @@ def section_synth(args, sizes: Sizes, work: Path, result: dict) -> None:
 
 
 def section_extract(args, sizes: Sizes, work: Path, result: dict) -> None:
-    """Whole-command seconds of half and all images (zarr) and all images (WebDataset); the marginal
-    rate (extra images / extra seconds) cancels start-up: imports, model build, CUDA init, workers."""
-    seconds = {"zarr_half": cli(extract_args(args, sizes, work / "half", work / "half.zarr"))[0]}
-    log(f"  extract zarr {sizes.images // 2} images: {seconds['zarr_half']:.1f} s")
-    seconds["zarr"] = cli(extract_args(args, sizes, work / "data", work / "f.zarr"))[0]
-    log(f"  extract zarr {sizes.images} images: {seconds['zarr']:.1f} s")
-    seconds["wds"] = cli(extract_args(args, sizes, work / "data", work / "wds", "--format", "wds"))[0]
-    log(f"  extract wds {sizes.images} images: {seconds['wds']:.1f} s")
-    extra, added = sizes.images - sizes.images // 2, seconds["zarr"] - seconds["zarr_half"]
+    """Whole-command seconds and the steady rate of ``extract`` into zarr and into WebDataset: samples per
+    second from the first batch to the last shard written (the command's own summary line), so start-up
+    (imports, model build, CUDA init, workers) is left out and encoding and writing are in."""
+    seconds, rates = {}, {}
+    for name, out, extra in (("zarr", work / "f.zarr", ()), ("wds", work / "wds", ("--format", "wds"))):
+        seconds[name], _, stderr = cli(extract_args(args, sizes, work / "data", out, *extra))
+        match = EXTRACT_RATE.search(stderr)
+        rates[name] = int(match.group(1)) / float(match.group(2)) if match else None
+        log(f"  extract {name} {sizes.images} images: {seconds[name]:.1f} s, steady {rates[name] or 0:.1f} img/s")
     summaries = {name: describe(open_store(str(work / name)), digest=False) for name in ("f.zarr", "wds")}
-    # The marginal rate needs the extra images to take measurable time; on tiny inputs start-up noise
-    # swamps them, and the whole command's rate (start-up included, so a lower bound) is used.
-    marginal = extra / added if added > 0.1 * seconds["zarr"] else None
-    result["extract"] = {"seconds": seconds, "img_per_s_marginal": marginal,
-                         "img_per_s_whole_command": sizes.images / seconds["zarr"],
-                         "rate_basis": "marginal" if marginal else "whole_command",
-                         "codec": summaries["f.zarr"]["codec"],
+    result["extract"] = {"seconds": seconds, "img_per_s_steady": rates,
+                         "img_per_s_whole_command": {name: sizes.images / value for name, value in seconds.items()},
+                         "writer_threads": default_writer_threads(), "codec": summaries["f.zarr"]["codec"],
                          "store_bytes_per_image": {"zarr": summaries["f.zarr"]["bytes_per_image"],
                                                    "wds": summaries["wds"]["bytes_per_image"]}}
 
@@ -190,14 +191,15 @@ def section_forward(args, sizes: Sizes, work: Path, result: dict) -> None:
         if round_index > 0:  # round 0 warms up kernels and the allocator
             rates.append(len(dataset) / (time.perf_counter() - tick))
     result["forward"] = {"img_per_s": statistics.median(rates), "rounds": rates}
-    if "extract" in result:
-        extract = result["extract"]
-        rate = extract["img_per_s_marginal"] or extract["img_per_s_whole_command"]
-        result["extract_ratio_over_forward"] = rate / result["forward"]["img_per_s"]
+    steady = result.get("extract", {}).get("img_per_s_steady", {})
+    if steady and all(steady.values()):
+        per_format = {name: rate / result["forward"]["img_per_s"] for name, rate in steady.items()}
+        result["extract_ratio_over_forward_per_format"] = per_format
+        result["extract_ratio_over_forward"] = min(per_format.values())
 
 
 def section_verify(args, sizes: Sizes, work: Path, result: dict) -> None:
-    seconds, stdout = cli(["verify", str(work / "f.zarr"), "--data", str(work / "data"), "--samples",
+    seconds, stdout, _ = cli(["verify", str(work / "f.zarr"), "--data", str(work / "data"), "--samples",
                            str(sizes.verify_samples), "--device", args.device, "--json", "--no-progress"])
     report = json.loads(stdout)
     result["verify"] = {"ok": report["ok"], "seconds": seconds, "threshold": report["threshold"],
@@ -226,7 +228,7 @@ def build_run(cfg: TrainConfig, device: torch.device, store: Path):
     sampler = train_set if streaming else ViewSampler(len(dataset), len(dataset.views), seed=cfg.seed)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=None if streaming else sampler,
                         collate_fn=collate, num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
-                        generator=torch.Generator().manual_seed(cfg.seed))
+                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
     return model, loader, sampler, build_optimizer(cfg, model), distill
 
 
@@ -286,8 +288,9 @@ def section_steps(args, sizes: Sizes, work: Path, result: dict) -> None:
 
 
 def section_read(args, sizes: Sizes, work: Path, result: dict) -> None:
-    """Samples/s the training loader (same workers and batch size) delivers from each store, images
-    decoded and teacher maps decoded; clocked from the first batch over two more epochs, so worker
+    """Samples/s the training loader (same workers, batch size and pinning) delivers from each store, images
+    decoded and teacher maps as training gets them (decoded in the workers on a CPU, as stored on CUDA, where
+    the device decodes them in the step); clocked from the first batch over two more epochs, so worker
     start-up is not the rate. The student consumes batch_size / (step alone) samples/s."""
     rates = {}
     for name, store in (("images_only", None), ("zarr", work / "f.zarr"), ("wds", work / "wds")):
@@ -295,11 +298,12 @@ def section_read(args, sizes: Sizes, work: Path, result: dict) -> None:
         cfg = train_config(args, sizes, work, mode)
         dataset = CocoDetection(cfg.data, cfg.split, store_views(work / "f.zarr"))
         model = build_detector(STUDENT, num_classes=dataset.num_classes, variant=sizes.variant, backbone=sizes.backbone)
-        source, _ = setup_distillation(cfg, dataset, model, torch.device("cpu"), Ranks())
+        source, _ = setup_distillation(cfg, dataset, model, torch.device(args.device), Ranks())
         streaming = isinstance(source, torch.utils.data.IterableDataset)
         sampler = source if streaming else ViewSampler(len(dataset), len(dataset.views), seed=0)
         loader = DataLoader(source, batch_size=sizes.batch_size, sampler=None if streaming else sampler,
-                            collate_fn=collate, num_workers=args.workers, persistent_workers=args.workers > 0)
+                            collate_fn=collate, num_workers=args.workers, persistent_workers=args.workers > 0,
+                            pin_memory=args.device == "cuda")
         batches, count = batches_forever(loader, sampler), 0
         next(batches)
         tick = time.perf_counter()
@@ -338,7 +342,8 @@ def section_loss(args, sizes: Sizes, work: Path, result: dict) -> None:
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 _, student_features = model(images, targets)
         source, distill = setup_distillation(cfg, dataset, model, device, Ranks())
-        items = batch if mode == "online" else [StoreJoinedDataset(dataset, cfg.features)[(i, 0)] for i in chosen]
+        joined = StoreJoinedDataset(dataset, cfg.features, keep_encoded=device.type == "cuda")  # as training reads
+        items = batch if mode == "online" else [joined[(i, 0)] for i in chosen]
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             figures[mode] = float(distillation_loss(student_features, items, images, distill, 32, device))
     diffs = {m.removeprefix("offline_"): abs(figures[m] - figures["online"]) / abs(figures["online"])
@@ -353,6 +358,7 @@ def section_loss(args, sizes: Sizes, work: Path, result: dict) -> None:
 
 def section_torchrun(args, sizes: Sizes, work: Path, result: dict) -> None:
     """``torchrun --nproc_per_node 1``: extract (half the images) and a few offline training steps."""
+    cli(extract_args(args, sizes, work / "half", work / "half.zarr"))
     seconds = {"extract": cli(extract_args(args, sizes, work / "half", work / "torchrun.zarr"), torchrun=True)[0]}
     digests = [describe(open_store(str(work / name)))["digest"] for name in ("half.zarr", "torchrun.zarr")]
     run = work / "torchrun_run"

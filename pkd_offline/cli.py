@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", type=Path)
     train.add_argument("--split")
     train.add_argument("--val-split", dest="val_split")
+    train.add_argument("--val-store", dest="val_store",
+                       help="with --eval-every: read the val set from this store (path or URL) written by `extract "
+                            "--split val --with-images`, not from --data")
     train.add_argument("--out", type=Path)
     train.add_argument("--epochs", type=int)
     train.add_argument("--iters", type=int)
@@ -121,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", help=f"a model.pt: {WEIGHTS}")
     evaluate.add_argument("--data", type=Path)
     evaluate.add_argument("--split")
+    evaluate.add_argument("--store", help="read the val set from this store (path or URL) written by `extract --split "
+                          "val --with-images`, instead of --data")
     evaluate.add_argument("--out", type=Path, help="write the metrics JSON here")
     evaluate.add_argument("--device")
     evaluate.add_argument("--batch-size", dest="batch_size", type=int)
@@ -165,7 +170,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "extract":
         from stages.extract import ExtractConfig, extract
 
-        print(extract(make_config(ExtractConfig, params, _flags(args))))
+        path = extract(make_config(ExtractConfig, params, _flags(args)))
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports the result
+            print(path)
     elif args.command == "inspect":
         from stages.inspect import inspect_store
 
@@ -193,6 +200,7 @@ def one_line(error: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from storage.errors import StoreError
+    from storage.files import close_object_store_sessions
 
     args = build_parser().parse_args(argv)
     try:
@@ -204,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pkd-offline: interrupted", file=sys.stderr)
         return 130
+    finally:
+        close_object_store_sessions()  # before exit, where s3fs's own close may not get the time
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pkd_offline.loss import pkd_loss
 from pkd_offline.models import FeatureDetector
 from pkd_offline.projection import TeacherStatistics
 from pkd_offline.pyramid import pad_teacher_maps, projected_statistics, valid_masks
+from pkd_offline.stored_maps import dense_map
 from pkd_offline.views import padded_size
 
 
@@ -53,7 +54,7 @@ def teacher_maps(batch: list[dict], images: list[Tensor], distill: Distillation,
     (strides in ``skip``, the levels a projected store holds as statistics, are left out)."""
     strides = [t for _, t in distill.pairs if t not in skip]
     if distill.teacher is None:
-        per_image = [{t: item["teacher_features"][t] for t in strides} for item in batch]
+        per_image = [{t: dense_map(item["teacher_features"][t], device) for t in strides} for item in batch]
         return pad_teacher_maps(per_image, padded_hw, device)
     with torch.no_grad():
         if distill.per_image:
@@ -76,7 +77,7 @@ def distillation_loss(student_features: dict[int, Tensor], batch: list[dict], im
                                                                        skip=projected))
     valid = valid_masks([item["image_hw"] for item in batch], padded_hw, list(teacher), device)
     for t in projected:
-        per_image = [(item["teacher_features"][t], *item["teacher_sums"][t]) for item in batch]
+        per_image = [(dense_map(item["teacher_features"][t], device), *item["teacher_sums"][t]) for item in batch]
         teacher[t] = projected_statistics(per_image, [item["image_hw"] for item in batch], padded_hw, t,
                                           tuple(student[t].shape[-2:]), device)
     return distill.alpha * pkd_loss(student, teacher, valid)

@@ -9,15 +9,19 @@ a sample's features never depend on its batch neighbours (nor on the batch size'
 from __future__ import annotations
 
 import json
+import os
 import queue
+import sys
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -26,6 +30,7 @@ from pkd_offline.distributed import barrier, init_ranks, resolve_device
 from pkd_offline.errors import PkdError
 from pkd_offline.projection import RESIZE, project_image, projection_is_exact
 from pkd_offline.pyramid import level_size
+from pkd_offline.stored_maps import encode_on_device
 from pkd_offline.views import View, make_views, view_padded_size
 from stages.teachers import load_teacher
 from storage import LevelSpec, Manifest, Sample, create_store, detect_format
@@ -183,17 +188,27 @@ def shard_batches(manifest: Manifest, shards: list[int], dataset: CocoDetection,
     return batches
 
 
-class ShardWriterThread(threading.Thread):
-    """Collects samples from a bounded queue and writes each shard once all its samples arrived,
-    so encoding and writing overlap the next teacher forward."""
+def default_writer_threads() -> int:
+    """Shards written at once: half the CPUs (the loader's workers decode images on the rest), 1 to 8."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
-    def __init__(self, writer, manifest: Manifest, maxsize: int = 64) -> None:
+
+class ShardWriterThread(threading.Thread):
+    """Collects samples from a bounded queue and, once all of a shard's samples arrived, hands the shard
+    to a pool of ``writers`` threads (compression releases the GIL), so encoding and writing overlap the
+    next teacher forwards and each other. At most ``writers`` shards are in flight: the queue then fills
+    and the forward waits, which bounds memory."""
+
+    def __init__(self, writer, manifest: Manifest, maxsize: int = 64, writers: int = 1) -> None:
         super().__init__(daemon=True)
         self.writer, self.manifest = writer, manifest
         self.inbox: queue.Queue = queue.Queue(maxsize=maxsize)
         self.pending: dict[int, dict[int, Sample]] = defaultdict(dict)
         self.error: BaseException | None = None
         self.written = 0
+        self.pool = ThreadPoolExecutor(max(1, writers), thread_name_prefix="shard-writer")
+        self.in_flight: deque[Future] = deque()
+        self.writers = max(1, writers)
 
     def run(self) -> None:
         while (sample := self.inbox.get()) is not None:
@@ -205,10 +220,21 @@ class ShardWriterThread(threading.Thread):
                 expected = self.manifest.shard_range(k)
                 if len(self.pending[k]) == len(expected):
                     samples = self.pending.pop(k)
-                    self.writer.write_shard(k, [samples[i] for i in expected])
-                    self.written += 1
+                    while len(self.in_flight) >= self.writers:
+                        self._collect(self.in_flight.popleft())
+                    self.in_flight.append(self.pool.submit(self.writer.write_shard, k, [samples[i] for i in expected]))
             except BaseException as error:  # surfaced in the main thread
                 self.error = error
+        while self.in_flight:
+            self._collect(self.in_flight.popleft())
+        self.pool.shutdown()
+
+    def _collect(self, future: Future) -> None:
+        try:
+            future.result()
+            self.written += 1
+        except BaseException as error:
+            self.error = self.error or error
 
     def put(self, sample: Sample) -> None:
         if self.error is not None:
@@ -268,18 +294,25 @@ def extract(cfg: ExtractConfig) -> Path | str:
     loader = DataLoader(ExtractionItems(dataset, cfg.with_images), batch_sampler=batches,
                         collate_fn=collate, num_workers=cfg.workers)
     todo_samples = sum(len(manifest.shard_range(k)) for k in todo)
-    writer_thread = ShardWriterThread(writer, manifest)
+    writer_thread = ShardWriterThread(writer, manifest, writers=default_writer_threads())
     writer_thread.start()
     bar = tqdm(total=todo_samples, desc=f"extract {cfg.teacher}", unit="img",
                disable=not cfg.progress or not ranks.is_main)
+    started = None
     try:
         for batch in loader:
-            for sample in run_teacher(teacher, batch, strides, device, manifest.n_views, frozenset(projected)):
+            started = started or time.perf_counter()  # the first batch is in: start-up is over
+            for sample in run_teacher(teacher, batch, strides, device, manifest.n_views, cfg.codec,
+                                      frozenset(projected)):
                 writer_thread.put(sample)
             bar.update(len(batch))
     finally:
         bar.close()
         writer_thread.close()
+    if ranks.is_main and started is not None:
+        seconds = time.perf_counter() - started
+        print(f"extract: {todo_samples} samples in {seconds:.3f} s from the first batch to the last shard written "
+              f"({todo_samples / seconds:.1f} samples/s in this process)", file=sys.stderr)
     barrier(ranks)
     if ranks.is_main:
         writer.finalize()
@@ -298,29 +331,40 @@ def teacher_autocast(device: torch.device) -> torch.autocast:
 
 
 @torch.inference_mode()
-def run_teacher(teacher, batch: list[dict], strides: list[int], device: torch.device, n_views: int,
+def run_teacher(teacher, batch: list[dict], strides: list[int], device: torch.device, n_views: int, codec: str,
                 projected: frozenset[int] = frozenset()) -> list[Sample]:
-    """Teacher FPN maps of one same-size batch, as float32 numpy Samples (C, h/stride, w/stride) per level;
-    a stride in ``projected`` becomes its projection for a student of twice the stride (``project_image``)."""
+    """Teacher FPN maps of one same-size batch as Samples whose levels are encoded with ``codec`` on the
+    teacher's device (``encode_on_device``: only the stored values cross to the host), each (C, h/stride,
+    w/stride); a stride in ``projected`` becomes its projection for a student of twice the stride
+    (``project_image``) and is encoded the same way. PkdError naming the image if any value is NaN or Inf."""
     images = [item["image"].to(device, non_blocking=True) for item in batch]
     with teacher_autocast(device):
         features, _ = teacher.features(images)
-    maps = {s: features[s].float().cpu().numpy() for s in strides if s not in projected}
-    samples = []
+    levels: dict[int, Tensor] = {}  # stride -> (N, C, h, w) float: the maps, or the projections
+    statistics: list[dict[int, dict[str, np.ndarray]]] = [{} for _ in batch]
+    for s in strides:
+        if s not in projected:
+            levels[s] = features[s].float()
+            continue
+        crosses = []
+        for i, item in enumerate(batch):
+            cross, total, square = project_image(features[s][i].float(), level_size(item["image_hw"], s))
+            crosses.append(cross)
+            statistics[i][s] = {"sum": total.cpu().numpy(), "sum_sq": square.cpu().numpy()}
+        levels[s] = torch.stack(crosses)
+    # One device-to-host read decides finiteness for the whole batch: (levels, N) per image and level.
+    finite = torch.stack([torch.isfinite(levels[s]).flatten(1).all(dim=1) for s in strides]).cpu()
     for i, item in enumerate(batch):
-        per_level, statistics = {}, {}
-        for s in strides:
-            if s in projected:  # projected on the device; a NaN or Inf in the map reaches the sums
-                cross, total, square = project_image(features[s][i].float(), level_size(item["image_hw"], s))
-                per_level[s] = np.ascontiguousarray(cross.cpu().numpy())
-                statistics[s] = {"sum": total.cpu().numpy(), "sum_sq": square.cpu().numpy()}
-            else:
-                per_level[s] = np.ascontiguousarray(maps[s][i])
-        for s, values in per_level.items():
-            if not np.isfinite(values).all() or not all(np.isfinite(v).all() for v in statistics.get(s, {}).values()):
-                raise PkdError(f"teacher features of image {item['image_id']} (view {item['view_index']}, stride {s}) "
-                               f"hold NaN or Inf: nothing was written for it; check the checkpoint and the image")
-        samples.append(Sample(index=item["image_index"] * n_views + item["view_index"], image_id=item["image_id"],
-                              view_index=item["view_index"], image_hw=tuple(item["image_hw"]), features=per_level,
-                              extras=item.get("extras", {}), statistics=statistics))
-    return samples
+        for j, s in enumerate(strides):
+            if not finite[j, i] or not all(np.isfinite(v).all() for v in statistics[i].get(s, {}).values()):
+                raise PkdError(f"teacher features of image {item['image_id']} (view {item['view_index']}, stride "
+                               f"{s}) hold NaN or Inf: nothing was written for it; check the checkpoint and the image")
+    try:
+        encoded = {s: encode_on_device(codec, levels[s]) for s in strides}
+    except ValueError as error:
+        raise PkdError(f"images {[item['image_id'] for item in batch]}: {error}") from None
+    return [Sample(index=item["image_index"] * n_views + item["view_index"], image_id=item["image_id"],
+                   view_index=item["view_index"], image_hw=tuple(item["image_hw"]),
+                   features={s: encoded[s][i] for s in strides}, extras=item.get("extras", {}),
+                   statistics=statistics[i])
+            for i, item in enumerate(batch)]

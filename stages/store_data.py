@@ -6,15 +6,18 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from pkd_offline.data import CocoDetection, ViewSampler, decode_image, file_sha256
 from pkd_offline.errors import PkdError
 from pkd_offline.models import USES_MASKS, FeatureDetector
+from pkd_offline.stored_maps import EncodedMap
 from pkd_offline.views import View, apply_view
 from storage import Sample, StoreError, open_store
 from storage.base import StoreReader
+from storage.codecs import EncodedLevel
 
 
 def store_views(path: Path | str) -> list[View]:
@@ -141,7 +144,8 @@ def _student_problems(manifest, student: FeatureDetector) -> list[str]:
 
 
 def join_features(item: dict, sample: Sample) -> dict:
-    """Add the stored ``teacher_features`` {stride: float32 (C, h, w)} to a data item of the same image and view.
+    """Add the stored ``teacher_features`` {stride: float32 (C, h, w), or an :class:`EncodedMap` where the
+    sample was read with ``keep_encoded``} to a data item of the same image and view.
 
     The replayed view must give the image size the store recorded, or the join is refused (the
     data changed under the store).
@@ -149,7 +153,8 @@ def join_features(item: dict, sample: Sample) -> dict:
     if tuple(sample.image_hw) != tuple(item["image_hw"]):
         raise PkdError(f"image {item['image_id']} view {item['view_index']} replays to {tuple(item['image_hw'])} px "
                        f"but the store recorded {tuple(sample.image_hw)}: re-extract the store")
-    item["teacher_features"] = {s: torch.from_numpy(values) for s, values in sample.features.items()}
+    item["teacher_features"] = {s: EncodedMap.from_level(values) if isinstance(values, EncodedLevel)
+                                else torch.from_numpy(values) for s, values in sample.features.items()}
     if sample.statistics:  # a projected store: the levels' cross maps come with their float64 sums
         item["teacher_sums"] = {s: (torch.from_numpy(sums["sum"]), torch.from_numpy(sums["sum_sq"]))
                                 for s, sums in sample.statistics.items()}
@@ -185,13 +190,16 @@ class StoreJoinedDataset(Dataset):
     """``dataset[(image_index, view_index)]`` plus ``teacher_features`` {stride: float32 (C, h, w)} from the store.
 
     The store is opened lazily in each DataLoader worker (random access: the zarr way). With
-    ``skip_damaged`` a sample the store cannot read comes back as ``{"skipped": reason, ...}``.
+    ``skip_damaged`` a sample the store cannot read comes back as ``{"skipped": reason, ...}``; with
+    ``keep_encoded`` the maps stay as the store's codec holds them (EncodedMap), for the device to decode.
     """
 
-    def __init__(self, dataset: CocoDetection, store_path: Path | str, *, skip_damaged: bool = False) -> None:
+    def __init__(self, dataset: CocoDetection, store_path: Path | str, *, skip_damaged: bool = False,
+                 keep_encoded: bool = False) -> None:
         self.dataset = dataset
         self.store_path = store_path  # a local path or a URL (s3://...): Path() would mangle a URL
         self.skip_damaged = skip_damaged
+        self.keep_encoded = keep_encoded
         self._store: StoreReader | None = None
 
     def __len__(self) -> int:
@@ -200,6 +208,7 @@ class StoreJoinedDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         if self._store is None:
             self._store = open_store(str(self.store_path))
+            self._store.keep_encoded = self.keep_encoded
         item = self.dataset[key]
         try:
             sample = self._store.read(self._store.index_of(item["image_id"], item["view_index"]))
@@ -210,22 +219,31 @@ class StoreJoinedDataset(Dataset):
         return join_features(item, sample)
 
 
+SHUFFLE_BUFFER_BYTES = 2**30
+"""Bytes of items one DataLoader worker's shuffle buffer may hold (a COCO-size Swin P2..P5 item is ~60 MB)."""
+
+
 class StoreStream(IterableDataset):
     """Streams a store shard by shard (the WebDataset way): each DataLoader worker, and each rank,
-    reads a disjoint set of shards sequentially and keeps, per image, only the view chosen for the
-    epoch (the same choice :class:`ViewSampler` makes), joined with its image and target: from the data
-    directory (``dataset`` a :class:`CocoDetection`) or from the sample itself (a :class:`StoreImages`).
+    reads a disjoint set of shards sequentially (in an order shuffled per epoch) and keeps, per image,
+    only the view chosen for the epoch (the same choice :class:`ViewSampler` makes), joined with its image
+    and target: from the data directory (``dataset`` a :class:`CocoDetection`) or from the sample itself
+    (a :class:`StoreImages`).
 
-    A shuffle buffer of ``shuffle_buffer`` samples mixes the order (seeded by seed, epoch, worker).
-    One epoch yields every image once. ``set_epoch`` works as on a sampler.
+    A shuffle buffer mixes the order (seeded by seed, epoch, worker): ``shuffle_buffer`` items at most,
+    fewer where that many would pass ``SHUFFLE_BUFFER_BYTES`` (``buffer_items``). One epoch yields every
+    image once. ``set_epoch`` works as on a sampler. With ``keep_encoded`` the maps stay as the store's
+    codec holds them (EncodedMap), for the training device to decode.
     """
 
     def __init__(self, dataset: CocoDetection | StoreImages, store_path: Path | str, *, seed: int = 0,
-                 shuffle_buffer: int = 256, rank: int = 0, num_replicas: int = 1, skip_damaged: bool = False) -> None:
+                 shuffle_buffer: int = 256, rank: int = 0, num_replicas: int = 1, skip_damaged: bool = False,
+                 keep_encoded: bool = False) -> None:
         self.dataset, self.store_path = dataset, store_path
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.rank, self.num_replicas = rank, num_replicas
         self.skip_damaged = skip_damaged
+        self.keep_encoded = keep_encoded
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -240,8 +258,21 @@ class StoreStream(IterableDataset):
         slot, slots = self.rank * workers + worker, self.num_replicas * workers
         return list(range(slot, n_shards, slots))
 
+    def buffer_items(self, manifest) -> int:
+        """Items the shuffle buffer holds: ``shuffle_buffer``, at most ``SHUFFLE_BUFFER_BYTES`` of the largest
+        item the store can give (its maps at their largest, as float32 or as stored, and its float32 image)."""
+        values = sum(level.channels * level.max_height * level.max_width for level in manifest.levels)
+        per_value = max(np.dtype(dtype).itemsize for level in manifest.levels
+                        for dtype, kind in manifest.level_parts(level.stride).values() if kind == "map") \
+            if self.keep_encoded else 4
+        finest = min(manifest.levels, key=lambda level: level.stride)
+        image = 3 * 4 * finest.max_height * finest.max_width * finest.stride ** 2
+        return max(1, min(self.shuffle_buffer, SHUFFLE_BUFFER_BYTES // (values * per_value + image)))
+
     def __iter__(self):
         store = open_store(str(self.store_path))
+        store.keep_encoded = self.keep_encoded
+        buffer_items = self.buffer_items(store.manifest)
         sampler = ViewSampler(len(self.dataset), store.manifest.n_views, seed=self.seed)
         sampler.set_epoch(self.epoch)
         chosen = dict(sampler.keys())
@@ -249,7 +280,7 @@ class StoreStream(IterableDataset):
         info = get_worker_info()
         generator = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{0 if info is None else info.id}")
         buffer: list[dict] = []
-        for sample in self._samples(store):
+        for sample in self._samples(store, generator):
             if isinstance(sample, dict):  # a damaged-shard marker
                 yield sample
                 continue
@@ -261,15 +292,18 @@ class StoreStream(IterableDataset):
             else:
                 item = self.dataset[(index, sample.view_index)]
             buffer.append(join_features(item, sample))
-            if len(buffer) >= self.shuffle_buffer:
+            if len(buffer) >= buffer_items:
                 yield buffer.pop(generator.randrange(len(buffer)))
         generator.shuffle(buffer)
         yield from buffer
 
-    def _samples(self, store: StoreReader):
-        """This worker's samples shard by shard; with ``skip_damaged`` the unreadable rest of a shard
-        becomes one ``{"skipped": reason}`` marker instead of an error."""
-        for k in self._my_shards(store.manifest.n_shards):
+    def _samples(self, store: StoreReader, generator: random.Random):
+        """This worker's samples shard by shard, its shards in an order ``generator`` shuffles; with
+        ``skip_damaged`` the unreadable rest of a shard becomes one ``{"skipped": reason}`` marker instead
+        of an error."""
+        shards = self._my_shards(store.manifest.n_shards)
+        generator.shuffle(shards)
+        for k in shards:
             try:
                 yield from store.iter_samples([k])
             except StoreError as error:

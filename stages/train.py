@@ -40,6 +40,7 @@ class TrainConfig:
     out: Path = Path("runs/student")
     split: str = "train"
     val_split: str | None = "val"
+    val_store: str | None = None  # a val store (extract --split val --with-images), path or URL: read instead of data
     backbone: str | None = None
     backbone_weights: Path | None = None
     anchor_scale: float | None = None  # RetinaNet anchor side / stride (None: the variant's default)
@@ -93,9 +94,9 @@ def training_data(cfg: TrainConfig, views: list[View]) -> CocoDetection | StoreI
     if cfg.features is None:
         raise PkdError("--data DIR is needed (or --features STORE written by `extract --with-images`, to train "
                        "from the store alone)")
-    if cfg.eval_every and cfg.val_split:
-        raise PkdError("--eval-every reads a val set from --data DIR: pass --data, or train from the store alone "
-                       "without --eval-every and run `eval --data DIR` afterwards")
+    if cfg.eval_every and cfg.val_split and cfg.val_store is None:
+        raise PkdError("--eval-every reads a val set: pass --val-store STORE (written by `extract --split val "
+                       "--with-images`) or --data DIR")
     from stages.store_data import store_dataset
 
     return store_dataset(cfg.features, views, cfg.student)
@@ -111,14 +112,18 @@ def setup_distillation(cfg: TrainConfig, dataset: CocoDetection, model, device: 
         from stages.store_data import StoreJoinedDataset, StoreStream, check_layout_fits, check_store_fits
 
         store = check_store_fits(cfg.features, dataset, model)
+        # On a GPU the maps travel as stored (fp16/int8: 2-4x fewer bytes from the workers) and are decoded
+        # there; on a CPU the workers decode, in parallel with the step.
+        on_gpu = device.type == "cuda"
         teacher_strides = [level.stride for level in store.manifest.levels]
         pairs = pair_levels(list(model.strides), teacher_strides, cfg.level_map)[: cfg.max_pairs]
         check_layout_fits(store.manifest, pairs, cfg.level_map, cfg.size_divisor)
         if store.manifest.format == "wds":
             stream = StoreStream(dataset, cfg.features, seed=cfg.seed, rank=ranks.rank, num_replicas=ranks.world_size,
-                                 skip_damaged=cfg.on_error == "skip")
+                                 skip_damaged=cfg.on_error == "skip", keep_encoded=on_gpu)
             return stream, Distillation(pairs, cfg.alpha)
-        return StoreJoinedDataset(dataset, cfg.features, skip_damaged=cfg.on_error == "skip"), Distillation(pairs, cfg.alpha)
+        joined = StoreJoinedDataset(dataset, cfg.features, skip_damaged=cfg.on_error == "skip", keep_encoded=on_gpu)
+        return joined, Distillation(pairs, cfg.alpha)
     if cfg.teacher is not None:
         teacher, _ = load_teacher(cfg.teacher, checkpoint=cfg.teacher_checkpoint, random_init=cfg.random_init,
                                   variant=cfg.variant, num_classes=dataset.num_classes, seed=cfg.seed)
@@ -131,8 +136,9 @@ def setup_distillation(cfg: TrainConfig, dataset: CocoDetection, model, device: 
 
 def train(cfg: TrainConfig) -> Path:
     """Train ``cfg.student`` on ``cfg.data``/``cfg.split`` (without ``cfg.data``: on the images and targets
-    of the WebDataset store ``cfg.features``, evaluation off); writes ``out/model.pt``, ``out/log.jsonl``
-    (one line per step) and, with ``eval_every``, ``out/eval.jsonl``. Returns the model.pt path.
+    of the WebDataset store ``cfg.features``); writes ``out/model.pt``, ``out/log.jsonl`` (one line per
+    step) and, with ``eval_every``, ``out/eval.jsonl`` (the val set: the store ``cfg.val_store`` if set, else
+    ``cfg.data``/``cfg.val_split``). Returns the model.pt path.
 
     Under torchrun: DistributedDataParallel, each rank a disjoint part of every epoch (the batch
     size is per rank), logs and checkpoints from rank 0, evaluation split over ranks and gathered.
@@ -164,6 +170,7 @@ def train(cfg: TrainConfig) -> Path:
                                                       num_replicas=ranks.world_size)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=None if streaming else sampler, collate_fn=collate,
                         num_workers=cfg.workers, persistent_workers=False, drop_last=False,
+                        pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.seed))  # leaves the global RNG to the model
     steps_per_epoch = -(-len(sampler) // cfg.batch_size)
     total_iters = cfg.iters if cfg.iters is not None else cfg.epochs * steps_per_epoch
@@ -185,8 +192,10 @@ def train(cfg: TrainConfig) -> Path:
             stale.unlink(missing_ok=True)
     barrier(ranks)
     val_set = None
-    if cfg.eval_every and cfg.val_split:
-        val_set = CocoDetection(cfg.data, cfg.val_split, views[:1])
+    if cfg.eval_every and (cfg.val_split or cfg.val_store):
+        from stages.evaluate import box_ap, open_val_set
+
+        val_set = open_val_set(cfg.data, cfg.val_split, cfg.val_store, views[0], dataset.category_ids, ranks=ranks)
 
     def meta() -> dict:
         return {"spec": model.spec, "category_ids": dataset.category_ids, "views": [v.to_dict() for v in views],
@@ -203,10 +212,14 @@ def train(cfg: TrainConfig) -> Path:
             if ranks.distributed:  # every rank evaluates rank 0's model (batch-norm statistics differ per rank)
                 for buffer in model.buffers():
                     torch.distributed.broadcast(buffer, src=0)
-            results = gather_lists(predict(model, val_set, device, progress=False, ranks=ranks), ranks)
+            if isinstance(val_set, CocoDetection):
+                results = gather_lists(predict(model, val_set, device, progress=False, ranks=ranks), ranks)
+                stats = coco_box_ap(val_set, results) if ranks.is_main else None
+            else:  # a val store: one pass, its ground truth gathered with the results
+                stats = box_ap(model, val_set, device, ranks=ranks)
             if ranks.is_main:
                 with open(out / "eval.jsonl", "a") as handle:
-                    handle.write(json.dumps({"iter": state.iteration, **coco_box_ap(val_set, results)}) + "\n")
+                    handle.write(json.dumps({"iter": state.iteration, **stats}) + "\n")
         if ranks.is_main and (state.iteration % cfg.checkpoint_every == 0 or done):
             save_checkpoint(last_path, checkpoint_content())
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from storage.codecs import CODECS, Codec
+from storage.codecs import CODECS, Codec, EncodedLevel, map_shape
 from storage.errors import StoreError
 from storage.files import (MANIFEST_NAME, Location, atomic_write_bytes, marker_name, read_markers, remove_file,
                            write_marker)
@@ -64,10 +64,29 @@ class StoreWriter:
     def encode_level(self, sample: Sample, stride: int) -> dict[str, np.ndarray]:
         """Every stored part of one level of ``sample`` (``manifest.level_parts``): the codec's, plus the
         float64 sums of a projected level."""
-        parts = self.codec.encode(sample.features[stride])
+        features = sample.features[stride]
+        parts = self._checked_parts(features, stride) if isinstance(features, EncodedLevel) \
+            else self.codec.encode(features)
         if stride in self.manifest.projected_strides:
             parts.update({name: np.asarray(sample.statistics[stride][name], "<f8") for name in STATISTIC_PARTS})
         return parts
+
+    def _checked_parts(self, level: EncodedLevel, stride: int) -> dict[str, np.ndarray]:
+        """The parts of a level encoded before it reached the writer, refused (StoreError) unless they are
+        exactly what the manifest's codec writes: its part names, dtypes, and one (C, H, W) map size."""
+        layout = self.codec.part_layout(0)
+        shape = level.shape
+        problems = [] if level.codec == self.codec.name and set(level.parts) == set(layout) else \
+            [f"codec {level.codec} parts {sorted(level.parts)}"]
+        for name, (dtype, kind) in layout.items() if not problems else ():
+            part = np.asarray(level.parts[name])
+            if part.dtype.newbyteorder("=") != dtype.newbyteorder("=") or \
+                    part.shape != (shape if kind == "map" else shape[:1]):
+                problems.append(f"part {name!r} {part.dtype} {part.shape}")
+        if problems:
+            raise StoreError(f"stride {stride}: encoded level has {problems[0]}, the store's codec {self.codec.name} "
+                             f"writes {[(name, str(dtype)) for name, (dtype, _) in layout.items()]}")
+        return {name: np.asarray(level.parts[name]) for name in layout}
 
     def _validate(self, shard_index: int, samples: list[Sample]) -> None:
         manifest = self.manifest
@@ -94,7 +113,7 @@ class StoreWriter:
                     raise StoreError(f"{where} stride {stride} is projected and needs finite {list(STATISTIC_PARTS)} "
                                      f"of shape ({channels},), got {sorted(sums)}")
             for level in manifest.levels:
-                shape = np.shape(sample.features[level.stride])
+                shape = map_shape(sample.features[level.stride])
                 if (len(shape) != 3 or shape[0] != level.channels or shape[1] > level.max_height
                         or shape[2] > level.max_width):
                     raise StoreError(f"{where} stride {level.stride} map has shape {shape}; the manifest allows "
@@ -110,12 +129,16 @@ class StoreReader:
         self.manifest = manifest
         self.codec: Codec = CODECS[manifest.codec]
         self._image_index: dict[int, int] | None = None
+        # True: samples keep each level as its codec stores it (EncodedLevel), checked but not decoded,
+        # so a training device can decode it (``pkd_offline.stored_maps``); False: float32 maps.
+        self.keep_encoded = False
 
     def __len__(self) -> int:
         return self.manifest.n_samples
 
     def read(self, index: int) -> Sample:
-        """Sample ``index`` with float32 features cropped to its own map sizes."""
+        """Sample ``index`` with float32 features (or, with ``keep_encoded``, EncodedLevels) cropped to its own
+        map sizes."""
         raise NotImplementedError
 
     def iter_samples(self, shard_indices: Iterable[int] | None = None) -> Iterator[Sample]:
@@ -177,7 +200,7 @@ class StoreReader:
     def _decode_level(self, stride: int, parts: dict[str, np.ndarray], hw: tuple[int, int],
                       where: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Check each part's dtype and shape against ``manifest.level_parts``, then decode: the float32
-        (C, H, W) map, and the float64 sums {"sum", "sum_sq"} of a projected level ({} otherwise)."""
+        (C, H, W) map (the EncodedLevel with ``keep_encoded``), and the float64 sums {"sum", "sum_sq"} of a projected level ({} otherwise)."""
         channels = next(level.channels for level in self.manifest.levels if level.stride == stride)
         layout = self.manifest.level_parts(stride)
         if set(parts) != set(layout):
@@ -195,6 +218,8 @@ class StoreReader:
         sums = {name: np.array(parts.pop(name), np.float64) for name in STATISTIC_PARTS if name in layout}
         if not all(np.isfinite(values).all() for values in sums.values()):
             raise StoreError(f"{where} stride {stride} sums are not finite: the store is damaged; re-extract it")
+        if self.keep_encoded:
+            return EncodedLevel(self.codec.name, parts), sums
         return self.codec.decode(parts), sums
 
 

@@ -6,6 +6,7 @@ A codec only changes values; compression (zstd) is applied by the store formats 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -14,6 +15,28 @@ from storage.errors import StoreError
 
 PartKind = Literal["map", "channel"]
 _EPS32 = float(np.finfo(np.float32).eps)
+
+
+@dataclass
+class EncodedLevel:
+    """One level of one sample as its codec stores it, not decoded: ``parts`` {name: array} as
+    ``Codec.part_layout`` names them ("map" parts (C, H, W), "channel" parts (C,)). Extraction hands the
+    writer levels already encoded (on the teacher's device); a reader with ``keep_encoded`` returns them,
+    so training moves compact values and decodes on its own device."""
+
+    codec: str
+    parts: dict[str, np.ndarray]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The decoded map's (C, H, W)."""
+        layout = CODECS[self.codec].part_layout(0)
+        return next(np.shape(self.parts[name]) for name, (_, kind) in layout.items() if kind == "map")
+
+
+def map_shape(features: np.ndarray | EncodedLevel) -> tuple[int, ...]:
+    """(C, H, W) of one level, whether a float map or an :class:`EncodedLevel`."""
+    return features.shape if isinstance(features, EncodedLevel) else np.shape(features)
 
 
 class Codec:

@@ -21,11 +21,13 @@ import fnmatch
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
 
 import fsspec
+import fsspec.asyn
 from fsspec.implementations.local import LocalFileSystem
 
 from storage.errors import StoreError
@@ -191,3 +193,24 @@ def read_markers(location: Location) -> dict[int, dict]:
         if path.rsplit("/", 1)[-1] != f"{index:06d}.json":
             raise StoreError(f"shard marker {shown} names shard {index}: delete it to re-extract that shard")
     return markers
+
+
+def close_object_store_sessions() -> None:
+    """Close the HTTP session of every s3fs filesystem this process opened (a command calls it before exit).
+
+    s3fs closes its session from a finalizer at exit that waits 0.1 s for the event loop; on a busy
+    machine that times out, the socket is dropped but the aiohttp session is not closed, and aiohttp
+    prints "Unclosed client session" when it is collected. Closing here waits as long as it takes.
+    Reads two s3fs attributes without a public accessor (``_cache``, ``_s3``: the client of a connected
+    instance); a filesystem never connected is left alone.
+    """
+    s3fs = sys.modules.get("s3fs")
+    if s3fs is None:  # never imported: nothing to close
+        return
+    for fs in list(s3fs.S3FileSystem._cache.values()):
+        client = getattr(fs, "_s3", None)
+        if client is None or fs.loop is None or not fs.loop.is_running():
+            continue
+        with contextlib.suppress(Exception):  # closing is best effort: the command's result is already out
+            fsspec.asyn.sync(fs.loop, client.close)
+        fs._s3 = None

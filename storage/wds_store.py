@@ -26,13 +26,16 @@ import contextlib
 import io
 import json
 import re
+import os
 import tarfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numcodecs import Zstd
 
 from storage.base import StoreReader, StoreWriter
+from storage.codecs import map_shape
 from storage.errors import StoreError
 from storage.files import Location, sha256_file, sha256_local_file, staged_file
 from storage.manifest import Manifest
@@ -111,6 +114,9 @@ def _refuse_pickle(name: str, where: str) -> None:
                          "remove it or re-extract the shard")
 
 
+_ENCODE_THREADS = min(8, os.cpu_count() or 1)
+
+
 class WdsWriter(StoreWriter):
     """Writes one tar per store shard to a local temporary file, then renames or uploads it (complete or absent)."""
 
@@ -118,10 +124,11 @@ class WdsWriter(StoreWriter):
         # The standard library's tarfile, writing the bytes webdataset's TarWriter(encoder=False, mtime=0) writes
         # (members sorted per sample, mode 0o444, owner "bigdata"): webdataset would import torch, and
         # writing a store, like reading one, must not need the training stack.
-        with staged_file(self.location, shard_name(shard_index)) as temporary:
+        # Samples are encoded and compressed on a few threads (zstd releases the GIL), written in order.
+        with staged_file(self.location, shard_name(shard_index)) as temporary, \
+                ThreadPoolExecutor(_ENCODE_THREADS) as pool:
             with open(temporary, "wb") as handle, tarfile.open(fileobj=handle, mode="w|") as tar:
-                for sample in samples:
-                    members = self._members(sample)
+                for members in pool.map(self._members, samples):
                     key = members.pop("__key__")
                     for name in sorted(members):
                         data = members[name].encode() if isinstance(members[name], str) else bytes(members[name])
@@ -133,7 +140,7 @@ class WdsWriter(StoreWriter):
     def _members(self, sample: Sample) -> dict[str, bytes | str]:
         meta = {"image_id": int(sample.image_id), "view_index": int(sample.view_index),
                 "image_hw": [int(v) for v in sample.image_hw],
-                "feature_hw": {str(s): list(np.shape(f)[1:]) for s, f in sorted(sample.features.items())}}
+                "feature_hw": {str(s): list(map_shape(f)[1:]) for s, f in sorted(sample.features.items())}}
         members: dict[str, bytes | str] = {"__key__": f"{sample.index:09d}", "meta.json": json.dumps(meta).encode()}
         for stride in self.manifest.strides:
             for part, values in self.encode_level(sample, stride).items():
@@ -273,7 +280,7 @@ class WdsReader(StoreReader):
                     declared = _zstd_frame_size(data)
                     if declared is None or declared > limit:
                         raise ValueError(f"zstd frame declares {declared} bytes, at most {limit} allowed")
-                    data = bytes(_ZSTD.decode(data))
+                    data = bytearray(_ZSTD.decode(data))  # writable: the arrays become tensors as they are
                 parts[stride][match.group(2)] = _load_npy(data, limit)
             except (ValueError, RuntimeError, OSError, EOFError, TypeError, SyntaxError) as error:
                 raise StoreError(f"{where}: member {suffix!r} is not a plain numeric .npy ({error}); "

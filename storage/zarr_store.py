@@ -33,6 +33,7 @@ from zarr.codecs import ZstdCodec
 from zarr.core.sync import sync
 
 from storage.base import StoreReader, StoreWriter
+from storage.codecs import map_shape
 from storage.errors import StoreError
 from storage.files import Location, sha256_files
 from storage.manifest import Manifest
@@ -107,7 +108,7 @@ class ZarrWriter(StoreWriter):
         self.arrays["view_index"][rows] = [s.view_index for s in samples]
         self.arrays["image_hw"][rows] = np.array([s.image_hw for s in samples], np.int32).reshape(n, 2)
         self.arrays["feature_hw"][rows] = np.array(
-            [[np.shape(s.features[stride])[1:] for stride in manifest.strides] for s in samples], np.int32
+            [[map_shape(s.features[stride])[1:] for stride in manifest.strides] for s in samples], np.int32
         ).reshape(n, len(manifest.levels), 2)
         return sha256_files(self.location, shard_files(self.group, manifest, shard_index))
 

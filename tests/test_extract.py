@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import stages.extract
 from pkd_offline.checkpoint import save_checkpoint
 from pkd_offline.data import CocoDetection
 from pkd_offline.errors import PkdError
@@ -90,6 +91,34 @@ def test_resumed_extraction_equals_uninterrupted(synth_data, tmp_path, store_nam
     rewritten = [p for p, mtime in untouched.items() if p.exists() and p.stat().st_mtime_ns != mtime]
     assert rewritten, "the unfinished shards must be written again"
     assert len(rewritten) < len(untouched), "finished shards must not be redone"
+
+
+@pytest.mark.parametrize("store_name", ["f.zarr", "wds"])
+def test_several_shard_writer_threads_write_the_same_store(synth_data, tmp_path, store_name, monkeypatch):
+    one = extract(config(synth_data, tmp_path / "one" / store_name))
+    threads = []
+    original = stages.extract.ShardWriterThread.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        threads.append(self)
+    monkeypatch.setattr(stages.extract, "default_writer_threads", lambda: 3)
+    monkeypatch.setattr(stages.extract.ShardWriterThread, "__init__", spy)
+    three = extract(config(synth_data, tmp_path / "three" / store_name))
+    assert threads[0].writers == 3 and threads[0].written == open_store(str(three)).manifest.n_shards == 4
+    assert describe(open_store(str(three)))["digest"] == describe(open_store(str(one)))["digest"]
+    assert open_store(str(three)).verify_shards() == []
+
+
+def test_a_failing_shard_write_stops_extraction_with_its_error(synth_data, tmp_path, monkeypatch):
+    from storage.zarr_store import ZarrWriter
+
+    def broken(self, shard_index, samples):
+        raise StoreError(f"disk full at shard {shard_index}")
+    monkeypatch.setattr(stages.extract, "default_writer_threads", lambda: 2)
+    monkeypatch.setattr(ZarrWriter, "_write_shard_files", broken)
+    with pytest.raises(StoreError, match="disk full at shard"):
+        extract(config(synth_data, tmp_path / "f.zarr"))
 
 
 def test_store_of_another_teacher_is_refused_without_overwrite(synth_data, tmp_path):

@@ -47,6 +47,8 @@ def test_quick_cpu_check_ends_with_one_whole_json_line(tmp_path):
     assert all(value is None for value in figures["peak_gpu_memory_gb"].values()), "no GPU memory on a CPU run"
     assert set(figures["step_seconds"]) == set(MODES) and all(v > 0 for v in figures["step_seconds"].values())
     assert set(figures["read_samples_per_s"]) == {"images_only", "zarr", "wds"}
+    assert set(figures["extract_ratio_over_forward_per_format"]) == {"zarr", "wds"}
+    assert figures["extract_ratio_over_forward"] == min(figures["extract_ratio_over_forward_per_format"].values())
     assert figures["verify"]["ok"] and figures["extract"]["codec"] in ("fp32", "fp16", "int8")  # the default one
     assert figures["torchrun"]["backend"] == "gloo" and len(figures["torchrun"]["train_losses"]) == 2
     assert figures["torchrun"]["store_digest_equal_to_single_process"]

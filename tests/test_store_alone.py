@@ -102,6 +102,7 @@ def test_a_store_without_images_is_refused_in_one_line_naming_with_images(synth_
     store = extract_store(synth_data, tmp_path / "plain", with_images=False)
     with pytest.raises(PkdError, match=r"no images and targets .*--with-images"):
         train(TrainConfig(features=store, out=tmp_path / "run", **SMALL))
+    capsys.readouterr()  # (extraction's own report)
     code = main(["train", "--features", str(store), "--out", str(tmp_path / "cli"), "--student", "retinanet",
                  "--variant", "tiny", "--iters", "1", "--workers", "0"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -114,7 +115,7 @@ def test_zarr_store_mask_student_and_eval_without_data_are_refused(synth_data, a
         train(TrainConfig(features=zarr_store, out=tmp_path / "z", **SMALL))
     with pytest.raises(PkdError, match=r"maskrcnn needs instance masks.*--data DIR"):
         train(TrainConfig(**{**SMALL, "student": "maskrcnn"}, features=alone["store"], out=tmp_path / "m"))
-    with pytest.raises(PkdError, match=r"--eval-every reads a val set from --data"):
+    with pytest.raises(PkdError, match=r"--eval-every reads a val set: pass --val-store STORE .* or --data DIR"):
         train(TrainConfig(**{**SMALL, "val_split": "val"}, eval_every=1, features=alone["store"], out=tmp_path / "e"))
     with pytest.raises(PkdError, match=r"--data DIR is needed"):
         train(TrainConfig(out=tmp_path / "n", **SMALL))
