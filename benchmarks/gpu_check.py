@@ -133,8 +133,17 @@ def extract_args(args, sizes: Sizes, data: Path, out: Path, *extra: str) -> list
     return ["extract", "--teacher", TEACHER, "--variant", sizes.variant, "--random-init", "--data", str(data),
             "--out", str(out), "--levels", LEVELS, "--short-side", str(sizes.short_side), "--max-size",
             str(sizes.max_size), "--batch-size", str(sizes.extract_batch_size), "--workers", str(args.workers),
-            "--samples-per-shard", str(sizes.samples_per_shard),
+            "--samples-per-shard", str(sizes.samples_per_shard), *store_args(args),
             "--device", args.device, "--no-progress", "--overwrite", *extra]
+
+
+def store_args(args) -> list[str]:
+    """``extract`` flags for ``--codec`` and ``--layout`` (none: the defaults); a projected store serves
+    RetinaNet's P3..P6 (the index pairing of teacher P2..P5)."""
+    flags = ["--codec", args.codec] if args.codec else []
+    if args.layout == "projected":
+        flags += ["--layout", "projected", "--student-levels", "3,4,5,6"]
+    return flags
 
 
 def section_synth(args, sizes: Sizes, work: Path, result: dict) -> None:
@@ -412,7 +421,8 @@ def run_check(args, sizes: Sizes) -> dict:
         args.workers, shm_gb = default_workers()
     result: dict = {**environment(args), "quick": args.quick, "sizes": vars(sizes), "workers": args.workers,
                     "shm_free_gb": shm_gb, "teacher": TEACHER, "student": f"{STUDENT}/{sizes.backbone}",
-                    "levels": LEVELS, "level_map": LEVEL_MAP, "errors": {}, "section_seconds": {}}
+                    "levels": LEVELS, "level_map": LEVEL_MAP, "codec_flag": args.codec, "layout": args.layout,
+                    "errors": {}, "section_seconds": {}}
     if os.environ.get("PKD_INSTALL_SECONDS"):
         result["install_seconds"] = float(os.environ["PKD_INSTALL_SECONDS"])
     for key in ("extract_ratio_over_forward", "step_ratio_offline_over_alone", "step_ratio_online_over_alone",
@@ -455,6 +465,9 @@ def main() -> None:
     parser.add_argument("--work", help="scratch folder (default: a temporary one, removed at the end)")
     parser.add_argument("--workers", type=int, help="DataLoader workers (default: half the CPUs, at most 8)")
     parser.add_argument("--only", help="comma-separated sections to run, in order (default: all)")
+    parser.add_argument("--codec", choices=("fp32", "fp16", "int8"), help="store codec (default: extract's default)")
+    parser.add_argument("--layout", choices=("full", "projected"), default="full",
+                        help="store layout (default: full; projected stores P2..P4 at the student's resolution)")
     parser.add_argument("--budget", type=int, help="seconds after which no section starts (default: 330 full, 600 quick)")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL

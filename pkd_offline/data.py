@@ -8,7 +8,6 @@ background for the R-CNN heads) and back with :attr:`CocoDetection.category_ids`
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch.utils.data import Dataset, Sampler
 
 from pkd_offline.errors import PkdError
 from pkd_offline.views import View, apply_view
+from storage.files import sha256_local_file
 
 
 def annotation_path(root: Path, split: str) -> Path:
@@ -28,11 +28,8 @@ def annotation_path(root: Path, split: str) -> Path:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """Hex sha256 of a local file's bytes (annotation files, checkpoints): the stores' own hasher."""
+    return sha256_local_file(str(path))
 
 
 def load_coco(path: Path):

@@ -17,6 +17,7 @@ from pkd_offline.distributed import finish, init_ranks
 from stages.extract import ExtractConfig, extract
 from stages.synth import SynthConfig, synth
 from stages.verify import VerifyConfig, verify
+from storage import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADLINE = ("extract_ratio_over_forward", "step_ratio_offline_over_alone", "step_ratio_online_over_alone",
@@ -54,6 +55,22 @@ def test_quick_cpu_check_ends_with_one_whole_json_line(tmp_path):
     assert figures["torchrun"]["store_digest_equal_to_single_process"]
     assert (tmp_path / "gpu_check.json").read_text().strip() == last
     assert "section torchrun done" in (tmp_path / "gpu_check.log").read_text()
+
+
+@pytest.mark.slow
+def test_quick_check_of_a_projected_int8_store_gives_the_online_loss(tmp_path):
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--quick",
+                             "--only", "synth,extract,loss", "--layout", "projected", "--codec", "int8",
+                             "--out", str(tmp_path), "--work", str(tmp_path / "work")],
+                            capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["errors"] == {} and (figures["layout"], figures["codec_flag"]) == ("projected", "int8")
+    for store in ("f.zarr", "wds"):  # the flags reached extract
+        manifest = open_store(str(tmp_path / "work" / store)).manifest
+        assert manifest.codec == "int8" and manifest.layout["pairs"] == [[8, 4], [16, 8], [32, 16], [64, 32]]
+    assert figures["offline_online_loss_rel_diff"] < figures["loss_check"]["tolerance"]
+    assert figures["loss_check"]["loss"]["offline_zarr"] > 1.0  # a real loss, not an empty one
 
 
 @pytest.fixture(scope="module")
