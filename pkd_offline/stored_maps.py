@@ -58,7 +58,7 @@ def _encode_float(dtype: torch.dtype, name: str) -> Callable[[Tensor], dict[str,
 
     def encode(features: Tensor) -> dict[str, Tensor]:
         features = features.float()
-        if features.numel() and float(features.abs().max()) > limit:
+        if features.numel() and max(float(features.amax()), -float(features.amin())) > limit:
             raise ValueError(f"features exceed the {name} range (|x| > {limit:g}): use the fp32 codec")
         return {"values": features.to(dtype)}
     return encode

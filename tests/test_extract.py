@@ -210,3 +210,25 @@ def test_with_images_stores_the_image_bytes_and_the_view_target(synth_data, tmp_
     plain = open_store(str(extract(config(synth_data, tmp_path / "plain", views=1))))
     assert plain.read(0).extras == {}
 
+
+
+class PlantedTeacher:
+    """Teacher maps of zeros with one planted value at (image 1, stride 8, one position)."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def features(self, images):
+        maps = {s: torch.zeros(len(images), 4, 32 // s, 32 // s) for s in (4, 8)}
+        maps[8][1, 2, 3, 1] = self.value
+        return maps, None
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_one_non_finite_value_is_found_and_its_image_named(value):
+    batch = [{"image": torch.zeros(3, 32, 32), "image_id": 100 + i, "view_index": 0, "image_index": i,
+              "image_hw": (32, 32)} for i in range(3)]
+    with pytest.raises(PkdError, match=r"image 101 \(view 0, stride 8\) hold NaN or Inf"):
+        stages.extract.run_teacher(PlantedTeacher(value), batch, [4, 8], torch.device("cpu"), 1, "fp16")
+    samples = stages.extract.run_teacher(PlantedTeacher(1e4), batch, [4, 8], torch.device("cpu"), 1, "fp16")
+    assert float(samples[1].features[8].parts["values"][2, 3, 1]) == 1e4
