@@ -280,7 +280,9 @@ class WdsReader(StoreReader):
                     declared = _zstd_frame_size(data)
                     if declared is None or declared > limit:
                         raise ValueError(f"zstd frame declares {declared} bytes, at most {limit} allowed")
-                    data = bytearray(_ZSTD.decode(data))  # writable: the arrays become tensors as they are
+                    # Decoded straight into a writable buffer of the declared size (the arrays become
+                    # tensors as they are); a frame whose content differs from its declared size fails.
+                    data = _ZSTD.decode(data, out=bytearray(declared))
                 parts[stride][match.group(2)] = _load_npy(data, limit)
             except (ValueError, RuntimeError, OSError, EOFError, TypeError, SyntaxError) as error:
                 raise StoreError(f"{where}: member {suffix!r} is not a plain numeric .npy ({error}); "
