@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -11,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend choice)
 
 
 def plot_study(report: dict, out: Path) -> Path:
-    """Write a PNG of ``report["arms"]`` (names on x, box mAP 0..1 on y); the teacher's mAP as a line if present."""
+    """Write a PNG of ``report["arms"]`` (names and seed counts on x, box mAP on y from a tenth below the lowest
+    seed); the teacher's mAP as a line if present."""
     names = list(report["arms"])
     fig, ax = plt.subplots(figsize=(max(1.2 * len(names) + 2.5, 6.5), 4.0))  # wide enough for the title
     for x, name in enumerate(names):
@@ -22,11 +24,12 @@ def plot_study(report: dict, out: Path) -> Path:
         ax.axhline(report["teacher"]["mAP"], color="tab:red", linestyle="--", linewidth=1,
                    label=f"teacher {report['teacher']['mAP']:.3f}")
         ax.legend(loc="lower right")
-    ax.set_xticks(range(len(names)), names, rotation=25, ha="right")
+    labels = [f"{name} (n={len(report['arms'][name]['mAP'])})" for name in names]  # seeds per arm: a partial study
+    ax.set_xticks(range(len(names)), labels, rotation=25, ha="right")
     ax.set_ylabel("box mAP (val)")
-    ax.set_ylim(bottom=0.0)
-    seeds = max(len(arm["mAP"]) for arm in report["arms"].values())
-    ax.set_title(f"Accuracy study: mean +- std over {seeds} seeds (dots: single seeds)")
+    lowest = min(min(arm["mAP"]) for arm in report["arms"].values())
+    ax.set_ylim(bottom=max(0.0, math.floor(10 * lowest - 0.5) / 10))  # zoomed: the arms differ by hundredths
+    ax.set_title("Accuracy study: mean +- std over n seeds (dots: single seeds)")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     out = Path(out)

@@ -5,12 +5,16 @@
     python -m study.run --arms baseline offline_index --seeds 0 1   # a subset (the JSON says what ran)
     OMP_NUM_THREADS=1 python -m study.run                # on a CPU shared with other jobs: one torch thread
                                                          # a run (two threads under load: 3-4x slower a step here)
+    python -m study.run --jobs 2 --first offline_index   # every offline_index seed before the other distilled runs
+    python -m study.run --report-only                    # a stopped study: report the runs that finished
 
 Steps, each skipped when its output already exists (so a stopped study resumes; ``--fresh`` redoes all):
 synthetic data -> teacher (trained once) -> teacher eval -> feature store (extracted once) -> every
 (arm, seed) student run and its eval -> aggregation (``study.aggregate``) -> plot (``study.plot``).
 Every step is a ``pkd-offline`` command (``python -m pkd_offline``) over ``study/params.yaml``: each arm
 is a ``train`` section of that file, so any one run can be repeated by hand with the printed command.
+Each finished step's seconds go to ``RUNS/logs/steps.jsonl`` as it ends, so a stopped study keeps them;
+the JSON's ``seeds_per_arm`` and ``complete`` say which runs a report covers.
 """
 
 from __future__ import annotations
@@ -32,8 +36,12 @@ from study.plot import plot_study
 CLI = [sys.executable, "-m", "pkd_offline"]
 
 
+STEP_TIMES = "steps.jsonl"  # beside the step logs: one {"step", "seconds", "end" (Unix s)} line per finished step
+
+
 def run_command(args: list[str], log: Path) -> float:
-    """Run one CLI command, its output to ``log``; returns wall seconds; raises SystemExit naming the log on failure."""
+    """Run one CLI command, its output to ``log``; returns wall seconds, also appended to ``STEP_TIMES`` beside the
+    log (so a study stopped early keeps its timings); raises SystemExit naming the log on failure."""
     log.parent.mkdir(parents=True, exist_ok=True)
     print("+ " + " ".join(args[2:]), flush=True)
     tick = time.perf_counter()
@@ -42,7 +50,51 @@ def run_command(args: list[str], log: Path) -> float:
     if code != 0:
         tail = log.read_text().splitlines()[-3:]
         raise SystemExit(f"study: step failed (exit {code}), see {log}: {' | '.join(tail)}")
-    return time.perf_counter() - tick
+    seconds = time.perf_counter() - tick
+    with open(log.parent / STEP_TIMES, "a") as handle:
+        handle.write(json.dumps({"step": log.stem, "seconds": seconds, "end": time.time()}) + "\n")
+    return seconds
+
+
+def recorded_step_seconds(logs: Path) -> dict[str, float]:
+    """``{step: seconds}`` from ``logs/STEP_TIMES`` (the last line wins for a step run twice); {} if none."""
+    path = logs / STEP_TIMES
+    if not path.exists():
+        return {}
+    return {row["step"]: row["seconds"] for row in map(json.loads, path.read_text().splitlines()) if row}
+
+
+def run_map(runs: Path, arm: str, seed: int) -> float:
+    """The box mAP in ``runs/ARM-seedSEED/eval.json``."""
+    return json.loads((runs / f"{arm}-seed{seed}" / "eval.json").read_text())["mAP"]
+
+
+def finished_seeds(runs: Path, wanted: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Each arm's seeds (of ``wanted``) whose run has an ``eval.json``; arms with none are left out."""
+    done = {arm: [seed for seed in seeds if (runs / f"{arm}-seed{seed}" / "eval.json").exists()]
+            for arm, seeds in wanted.items()}
+    return {arm: seeds for arm, seeds in done.items() if seeds}
+
+
+def job_order(arms: list[str], seeds: list[int], diagnostics: dict[str, list[int]], distilled: list[str],
+              first: list[str]) -> list[tuple[str, int]]:
+    """(arm, seed) runs in start order: every run that needs no teacher (they overlap the teacher chain when
+    --jobs > 1), then the distilled runs; within each group the ``first`` arms' seeds, then the rest seed-major (a
+    study stopped early still covers every arm), then the diagnostics."""
+    ahead = [(arm, seed) for arm in first for seed in seeds]
+    jobs = ahead + [(arm, seed) for seed in seeds for arm in arms if (arm, seed) not in ahead] \
+        + [(arm, seed) for arm, arm_seeds in diagnostics.items() for seed in arm_seeds]
+    return sorted(jobs, key=lambda job: job[0] in distilled)  # stable: keeps the order inside each group
+
+
+def recorded_span(logs: Path) -> float | None:
+    """Seconds from the earliest recorded step's start to the latest one's end (``logs/STEP_TIMES`` lines that
+    carry "end"): a stopped or resumed study's wall time; None if no line has one."""
+    path = logs / STEP_TIMES
+    rows = [row for row in map(json.loads, path.read_text().splitlines()) if "end" in row] if path.exists() else []
+    if not rows:
+        return None
+    return max(row["end"] for row in rows) - min(row["end"] - row["seconds"] for row in rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,12 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="delete the study's data, runs and store first")
     parser.add_argument("--diagnostics", action="store_true",
                         help="also run study.diagnostics (arm: seeds), reported apart from the arms")
+    parser.add_argument("--first", nargs="+", metavar="ARM",
+                        help="run every seed of these arms before the other arms' runs (default: seed-major order)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: report the runs that have an eval.json (a study stopped early)")
     args = parser.parse_args(argv)
     params = yaml.safe_load(args.params.read_text())
     study = params["study"]
     arms, seeds = args.arms or study["arms"], args.seeds or study["seeds"]
     diagnostics = study.get("diagnostics", {}) if args.diagnostics else {}
-    unknown = [arm for arm in [*arms, *diagnostics] if not isinstance(params.get(arm), dict)]
+    unknown = [arm for arm in [*arms, *diagnostics, *(args.first or [])] if not isinstance(params.get(arm), dict)]
     if unknown:
         parser.error(f"no train section for arm(s) {', '.join(unknown)} in {args.params}")
     data, runs, store = Path(study["data"]), Path(study["runs"]), study["store"]
@@ -74,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds: dict[str, float] = {}
     start = time.perf_counter()
 
-    if not (data / "annotations" / f"instances_{params['eval']['split']}.json").exists():
+    if not args.report_only and not (data / "annotations" / f"instances_{params['eval']['split']}.json").exists():
         seconds["data"] = run_command(CLI + ["data", "synth", "--params", str(args.params), "--out", str(data)],
                                       runs / "logs" / "data.log")
     teacher = runs / "teacher" / "model.pt"
@@ -107,38 +163,49 @@ def main(argv: list[str] | None = None) -> int:
                 CLI + ["eval", *common, "--section", "eval", "--checkpoint", str(out / "model.pt"),
                        "--out", str(out / "eval.json"), *device], runs / "logs" / f"{arm}-seed{seed}-eval.log")
 
-    # Runs start in submission order: the teacher chain first, then every run that needs no teacher (they
-    # overlap the chain when --jobs > 1), then the distilled runs, seed-major (a study stopped early still
-    # covers every arm). With --jobs 1 nothing waits on a future that has no worker.
+    # The teacher chain is submitted first, then the runs in job_order. With --jobs 1 nothing waits on a future
+    # that has no worker.
     distilled = [arm for arm in [*arms, *diagnostics] if params[arm].get("features") or params[arm].get("teacher")]
-    jobs = [(arm, seed) for seed in seeds for arm in arms] + [(a, s) for a, a_seeds in diagnostics.items() for s in a_seeds]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        chain = pool.submit(teacher_chain)
-        runs_done = [pool.submit(one_run, arm, seed, chain if arm in distilled else None)
-                     for arm, seed in sorted(jobs, key=lambda job: job[0] in distilled)]
-        for future in [chain, *runs_done]:
-            future.result()
+    if not args.report_only:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            chain = pool.submit(teacher_chain)
+            runs_done = [pool.submit(one_run, arm, seed, chain if arm in distilled else None)
+                         for arm, seed in job_order(arms, seeds, diagnostics, distilled, args.first or [])]
+            for future in [chain, *runs_done]:
+                future.result()
 
-    per_arm = {arm: [json.loads((runs / f"{arm}-seed{seed}" / "eval.json").read_text())["mAP"] for seed in seeds]
-               for arm in arms}
+    arm_seeds = finished_seeds(runs, {arm: seeds for arm in arms})
+    diagnostic_seeds = finished_seeds(runs, diagnostics)
+    per_arm = {arm: [run_map(runs, arm, seed) for seed in done] for arm, done in arm_seeds.items()}
+    if not per_arm:
+        raise SystemExit(f"study: no finished run (no eval.json) under {runs} for the arms asked")
     report = study_report(per_arm, reference="baseline", pairs=[tuple(p) for p in study.get("compare", [])])
-    report["teacher"] = json.loads(teacher_eval.read_text())
-    report["diagnostics"] = {arm: {"seeds": arm_seeds, **study_report(
-        {arm: [json.loads((runs / f"{arm}-seed{seed}" / "eval.json").read_text())["mAP"] for seed in arm_seeds]},
-        reference="")["arms"][arm]} for arm, arm_seeds in diagnostics.items()}
+    report["teacher"] = json.loads(teacher_eval.read_text()) if teacher_eval.exists() else None
+    report["diagnostics"] = {arm: {"seeds": done, **study_report(
+        {arm: [run_map(runs, arm, seed) for seed in done]}, reference="")["arms"][arm]}
+        for arm, done in diagnostic_seeds.items()}
     report["seeds"] = seeds
-    report["wall_seconds"] = time.perf_counter() - start
-    report["step_seconds"] = seconds
+    report["seeds_per_arm"] = arm_seeds
+    report["complete"] = all(arm_seeds.get(arm) == list(seeds) for arm in arms)
+    if args.report_only:  # nothing ran now: the recorded steps' span, and their times summed (side by side overlap)
+        report["step_seconds"] = recorded_step_seconds(runs / "logs")
+        report["wall_seconds"] = recorded_span(runs / "logs")
+        report["step_seconds_sum"] = sum(report["step_seconds"].values())
+    else:
+        report["wall_seconds"] = time.perf_counter() - start
+        report["step_seconds"] = seconds
     report["device"] = args.device
     report["jobs"] = args.jobs
     report["params"] = str(args.params)
-    report["settings"] = {name: params[name] for name in ("synth", "teacher", "extract", *arms, *diagnostics)}
+    report["settings"] = {name: params.get(name) for name in ("synth", "teacher", "extract", *arms, *diagnostics)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     plot_study(report, args.plot)
     for arm, row in report["arms"].items():
         print(f"{arm:<24} mAP {row['mean']:.4f} +- {row['std']:.4f}  {[round(v, 4) for v in row['mAP']]}")
-    print(f"teacher mAP {report['teacher']['mAP']:.4f}; wall {report['wall_seconds']:.0f} s; wrote {args.out}, {args.plot}")
+    teacher_map = f"{report['teacher']['mAP']:.4f}" if report["teacher"] else "(not evaluated)"
+    wall = f"{report['wall_seconds']:.0f} s" if report["wall_seconds"] is not None else "(report only)"
+    print(f"teacher mAP {teacher_map}; wall {wall}; wrote {args.out}, {args.plot}")
     return 0
 
 
