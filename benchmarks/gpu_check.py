@@ -4,8 +4,8 @@
     python benchmarks/gpu_check.py --device cpu --quick  # the same sections, small, on a CPU
 
 Sections (each fails soft: its error goes to ``errors[section]`` and the next one runs):
-synth (the project's generator, COCO-size images), extract (the CLI: Swin-S teacher, P2..P5, default
-codec and layout, zarr and WebDataset), forward (the teacher alone on preloaded inputs), verify (the
+synth (the project's generator, COCO-size images), extract (the CLI: Swin-S teacher, P2..P5, the default
+codec and layout or ``--codec``/``--layout``, zarr and WebDataset; its steady rate), forward (the teacher alone on preloaded inputs), verify (the
 CLI, on the device), steps (RetinaNet-R50 alone, offline from each store, online with the teacher:
 median step time and peak GPU memory), read (store read rate vs the student's consumption), loss
 (offline loss == online loss on a batch of equal-size images), torchrun (extract and train under
