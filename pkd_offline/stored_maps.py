@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from storage import CODECS
-from storage.codecs import EncodedLevel
+from storage.codecs import EncodedLevel, map_part
 
 
 @dataclass
@@ -36,8 +36,7 @@ class EncodedMap:
     @property
     def shape(self) -> torch.Size:
         """The decoded map's (C, H, W)."""
-        return next(self.parts[name].shape for name, (_, kind) in CODECS[self.codec].part_layout(0).items()
-                    if kind == "map")
+        return self.parts[map_part(self.codec)].shape
 
     def decode(self, device: torch.device | str | None = None) -> Tensor:
         parts = {name: values.to(device, non_blocking=True) for name, values in self.parts.items()}

@@ -206,9 +206,9 @@ class ShardWriterThread(threading.Thread):
         self.pending: dict[int, dict[int, Sample]] = defaultdict(dict)
         self.error: BaseException | None = None
         self.written = 0
-        self.pool = ThreadPoolExecutor(max(1, writers), thread_name_prefix="shard-writer")
-        self.in_flight: deque[Future] = deque()
         self.writers = max(1, writers)
+        self.pool = ThreadPoolExecutor(self.writers, thread_name_prefix="shard-writer")
+        self.in_flight: deque[Future] = deque()
 
     def run(self) -> None:
         while (sample := self.inbox.get()) is not None:

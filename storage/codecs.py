@@ -30,8 +30,12 @@ class EncodedLevel:
     @property
     def shape(self) -> tuple[int, ...]:
         """The decoded map's (C, H, W)."""
-        layout = CODECS[self.codec].part_layout(0)
-        return next(np.shape(self.parts[name]) for name, (_, kind) in layout.items() if kind == "map")
+        return np.shape(self.parts[map_part(self.codec)])
+
+
+def map_part(codec: str) -> str:
+    """The name of the codec's (C, H, W) part (its other parts are per channel)."""
+    return next(name for name, (_, kind) in CODECS[codec].part_layout(0).items() if kind == "map")
 
 
 def map_shape(features: np.ndarray | EncodedLevel) -> tuple[int, ...]:
