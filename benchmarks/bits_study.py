@@ -5,7 +5,8 @@
         [--plot plots/bits-study.png]
 
 On an existing full-layout store (a projected one is refused) and a student trained against it, for
-each operating point (the store codecs ``fp16`` and ``int8``, uniform per-channel k-bit quantisation
+each operating point (the store codecs ``fp16``, ``int8``, ``int6``, ``int4``, ``int2`` and ``pca``,
+uniform per-channel k-bit quantisation
 for k = 6, 4, 2, and a prototype that decorrelates channels with a per-level PCA before it
 quantises) it measures, per level:
 
@@ -91,6 +92,24 @@ def store_codec(name: str) -> Coder:
     def code(values: np.ndarray, stride: int) -> tuple[np.ndarray, int]:
         parts = codec.encode(values)
         return codec.decode(parts), sum(zstd_bytes(part) for part in parts.values())
+    return code
+
+
+def store_pca(fit_maps: dict[int, list[np.ndarray]], step: float, amortise_over: int = 1) -> Coder:
+    """The store's ``pca`` codec (``storage.pca_basis``: per-level basis fitted on ``fit_maps``, step ``step`` at the
+    finest level): its parts compressed with zstd as a store holds them, the side file spread over
+    ``amortise_over`` samples."""
+    from storage.pca_basis import fit_level_basis, side_bytes
+    from storage.pca_basis import level_steps as store_level_steps
+
+    steps = store_level_steps(step, sorted(fit_maps))
+    bases = {stride: fit_level_basis(maps, steps[stride]) for stride, maps in fit_maps.items()}
+    side = math.ceil(len(side_bytes(bases)) / max(1, len(bases)) / amortise_over)
+
+    def code(values: np.ndarray, stride: int) -> tuple[np.ndarray, int]:
+        codec = CODECS["pca"].bound(bases[stride])
+        parts = codec.encode(values)
+        return codec.decode(parts), sum(zstd_bytes(part) for part in parts.values()) + side
     return code
 
 
@@ -362,6 +381,7 @@ def main() -> None:
     parser.add_argument("--fit-samples", type=int, default=32, help="samples the PCA basis is fitted on")
     parser.add_argument("--pca-steps", default="0.1,0.17,0.7,0.05@0",
                         help="PCA prototype points: finest level's step in channel std units, each BASE or BASE@POWER")
+    parser.add_argument("--store-pca-step", type=float, default=0.1, help="the store pca codec's --pca-step")
     parser.add_argument("--pca-level-power", type=float, default=0.5,
                         help="level step = BASE * (finest stride / stride) ** POWER (0: one step everywhere)")
     parser.add_argument("--json", type=Path, help="also write the JSON line here")
@@ -374,8 +394,9 @@ def main() -> None:
         print(f"bits_study: {error}", file=sys.stderr)
         sys.exit(2)
     bases = {stride: fit_pca_basis(maps) for stride, maps in fit_maps.items()}
-    points: dict[str, Coder] = {"fp16": store_codec("fp16"), "int8": store_codec("int8")}
+    points: dict[str, Coder] = {name: store_codec(name) for name in ("fp16", "int8", "int6", "int4", "int2")}
     points.update({f"uniform {k}-bit": uniform_bits(k) for k in (6, 4, 2)})
+    points["pca (store codec)"] = store_pca(fit_maps, args.store_pca_step, amortise_over=manifest.n_samples)
     points.update({name: pca_codec(bases, level_steps(base, power, list(bases)), amortise_over=manifest.n_samples)
                    for name, base, power in parse_pca_points(args.pca_steps, args.pca_level_power)})
     with torch.no_grad():

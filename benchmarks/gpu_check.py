@@ -46,7 +46,7 @@ from stages.extract import default_writer_threads, teacher_autocast  # noqa: E40
 from stages.store_data import StoreJoinedDataset, store_views  # noqa: E402
 from stages.teachers import load_teacher  # noqa: E402
 from stages.train import TrainConfig, build_optimizer, setup_distillation  # noqa: E402
-from storage import describe, open_store  # noqa: E402
+from storage import CODECS, describe, open_store  # noqa: E402
 
 # Offline and online PKD losses on the same batch may differ by the teacher's bf16 rounding (batch
 # composition changes kernels) and the store's codec (fp16: 2^-11 relative; int8: 1/255 of a
@@ -127,6 +127,7 @@ def cli(args: list[str], *, torchrun: bool = False) -> tuple[float, str, str]:
 
 
 EXTRACT_RATE = re.compile(r"extract: (\d+) samples in ([0-9.]+) s from the first batch")
+EXTRACT_PHASE = re.compile(r"(images|teacher|writers|last_shards) ([0-9.]+) s")
 
 
 def extract_args(args, sizes: Sizes, data: Path, out: Path, *extra: str) -> list[str]:
@@ -159,14 +160,16 @@ def section_extract(args, sizes: Sizes, work: Path, result: dict) -> None:
     """Whole-command seconds and the steady rate of ``extract`` into zarr and into WebDataset: samples per
     second from the first batch to the last shard written (the command's own summary line), so start-up
     (imports, model build, CUDA init, workers) is left out and encoding and writing are in."""
-    seconds, rates = {}, {}
+    seconds, rates, phases = {}, {}, {}
     for name, out, extra in (("zarr", work / "f.zarr", ()), ("wds", work / "wds", ("--format", "wds"))):
         seconds[name], _, stderr = cli(extract_args(args, sizes, work / "data", out, *extra))
         match = EXTRACT_RATE.search(stderr)
         rates[name] = int(match.group(1)) / float(match.group(2)) if match else None
+        phase_line = next((line for line in stderr.splitlines() if line.startswith("extract phases:")), "")
+        phases[name] = {phase: float(value) for phase, value in EXTRACT_PHASE.findall(phase_line)}
         log(f"  extract {name} {sizes.images} images: {seconds[name]:.1f} s, steady {rates[name] or 0:.1f} img/s")
     summaries = {name: describe(open_store(str(work / name)), digest=False) for name in ("f.zarr", "wds")}
-    result["extract"] = {"seconds": seconds, "img_per_s_steady": rates,
+    result["extract"] = {"seconds": seconds, "img_per_s_steady": rates, "phase_seconds": phases,
                          "img_per_s_whole_command": {name: sizes.images / value for name, value in seconds.items()},
                          "writer_threads": default_writer_threads(), "codec": summaries["f.zarr"]["codec"],
                          "store_bytes_per_image": {"zarr": summaries["f.zarr"]["bytes_per_image"],
@@ -465,7 +468,7 @@ def main() -> None:
     parser.add_argument("--work", help="scratch folder (default: a temporary one, removed at the end)")
     parser.add_argument("--workers", type=int, help="DataLoader workers (default: half the CPUs, at most 8)")
     parser.add_argument("--only", help="comma-separated sections to run, in order (default: all)")
-    parser.add_argument("--codec", choices=("fp32", "fp16", "int8"), help="store codec (default: extract's default)")
+    parser.add_argument("--codec", choices=sorted(CODECS), help="store codec (default: extract's default)")
     parser.add_argument("--layout", choices=("full", "projected"), default="full",
                         help="store layout (default: full; projected stores P2..P4 at the student's resolution)")
     parser.add_argument("--budget", type=int, help="seconds after which no section starts (default: 330 full, 600 quick)")

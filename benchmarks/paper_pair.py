@@ -11,6 +11,7 @@ rate against the teacher forward alone on the same inputs.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from pathlib import Path
@@ -140,6 +141,26 @@ def bench_paper_extraction(args, data: Path, double: Path, work: Path) -> dict:
             "extract_ratio_over_forward": statistics.median(whole) / statistics.median(forward)}
 
 
+def bench_paper_store(args, data: Path, stores: dict[str, Path], work: Path, step_alone: float) -> dict:
+    """Issue 11's store figures (``benchmarks/store_cost.py``) on the zarr store, against an fp32 store of the same
+    layout and images."""
+    from store_cost import decode_rate, grad_cosine, store_bytes  # beside this file, as run.py imports paper_pair
+
+    exact_args = argparse.Namespace(**{**vars(args), "codec": "fp32"})
+    exact = extract(paper_extract_config(exact_args, data, work / "paper-fp32.zarr", "zarr"))
+    figures = store_bytes(stores["zarr"])
+    rate = decode_rate(stores["zarr"], args.workers, args.paper_rounds)
+    consumption = BATCH / step_alone
+    torch.manual_seed(0)
+    student = build_detector(STUDENT, num_classes=CocoDetection(data, "train", store_views(exact)).num_classes,
+                             variant="full", backbone=BACKBONE).to(torch.device(args.device)).eval()
+    figures.update({"decode_samples_per_s": rate, "consumption_samples_per_s": consumption,
+                    "decode_rate_over_consumption": rate / consumption,
+                    "grad_cosine_default": grad_cosine(data, stores["zarr"], exact, student, BATCH,
+                                                       torch.device(args.device))})
+    return figures
+
+
 def bench_paper(args, work: Path) -> dict:
     """Every paper-pair figure and the four headline keys (see the module docstring)."""
     n = args.paper_images
@@ -157,6 +178,8 @@ def bench_paper(args, work: Path) -> dict:
     loss["pkd_loss_share_of_step"] = loss["pkd_loss_seconds"] / loss["model_plus_pkd_loss"]
     print(f"paper loss share (same preloaded batch, median s): {loss}")
     del steps, probe
+    store = bench_paper_store(args, data, stores, work, step["alone"])
+    print(f"paper store ({args.codec}, projected): {store}")
     extraction = bench_paper_extraction(args, data, double, work)
     print(f"paper extraction: {extraction}")
     offline = {k: step[f"offline_{k}"] / step["alone"] for k in stores}
@@ -166,6 +189,9 @@ def bench_paper(args, work: Path) -> dict:
         "paper_step_ratio_online_over_alone": step["online"] / step["alone"],
         "paper_offline_over_online": worse * step["alone"] / step["online"],
         "paper_extract_ratio_over_forward": extraction["extract_ratio_over_forward"],
+        **{key: store[key] for key in ("index_store_bytes_over_fp32_maps", "bytes_ratio_default_codec_over_fp32",
+                                       "decode_rate_over_consumption", "grad_cosine_default")},
+        "paper_store": store,
         "paper_step_ratio_offline_over_alone_by_format": offline,
         "paper_step_seconds": step, "paper_loss": loss, "paper_extraction": extraction,
         "paper_setup": {"teacher": TEACHER, "student": f"{STUDENT}/{BACKBONE}", "variant": "full",

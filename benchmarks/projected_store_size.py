@@ -31,6 +31,7 @@ from stages.extract import ExtractConfig, extract  # noqa: E402
 from storage import describe, open_store  # noqa: E402
 
 TEACHER_STRIDES = [4, 8, 16, 32]
+CODECS = ("fp32", "fp16", "int8", "pca")
 COCO_HW = (800, 1067)
 
 
@@ -52,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="projected-size-"))
     results = {}
-    for codec in ("fp32", "fp16", "int8"):
+    for codec in CODECS:
         for layout in ("full", "projected"):
             cfg = ExtractConfig(teacher="swin", checkpoint=args.checkpoint, random_init=args.checkpoint is None,
                                 variant="tiny", data=args.data, out=work / f"{layout}-{codec}.zarr", codec=codec,
@@ -85,15 +86,15 @@ def main() -> None:
             }
             levels = ", ".join(f"P{s.bit_length() - 1} {b / 1e3:.1f}" for s, b in results[(codec, layout)]["levels"].items())
             print(f"{layout:9s} {codec}: {summary['bytes_per_image'] / 1e3:7.1f} kB per sample ({levels})")
-    for codec in ("fp32", "fp16", "int8"):
+    for codec in CODECS:
         ratio = results[(codec, "projected")]["bytes_per_sample"] / results[(codec, "full")]["bytes_per_sample"]
         print(f"{codec}: projected / full bytes per sample on this data: {ratio:.3f}")
     table = {}
     for layout in ("full", "projected"):
-        codecs = {codec: results[(codec, layout)] for codec in ("fp32", "fp16", "int8")}
+        codecs = {codec: results[(codec, layout)] for codec in CODECS}
         table[layout] = coco_projection(codecs, {"P2-P5": TEACHER_STRIDES}, channels)
     print("COCO train2017, 256 channels, TB (1 view / 2 views):")
-    for codec in ("fp32", "fp16", "int8"):
+    for codec in CODECS:
         cells = [" / ".join(f"{table[layout][f'{codec} P2-P5 views={v}'] / 1e3:.2f}" for v in (1, 2))
                  for layout in ("full", "projected")]
         print(f"  {codec}: full {cells[0]}   projected {cells[1]}")

@@ -6,9 +6,11 @@
     python benchmarks/run.py --pair tiny --device cuda --image-size 1333 --variant full   # COCO resolution on a GPU
 
 ``--pair paper`` (benchmarks/paper_pair.py: Swin-S -> RetinaNet-R50, full width, index pairing,
-projected layout) ends with one JSON line with paper_step_ratio_offline_over_alone (the worse store
-format), paper_step_ratio_online_over_alone, paper_offline_over_online and
-paper_extract_ratio_over_forward. ``--pair tiny`` prints tables, then one JSON line with
+projected layout, the default codec ``pca`` or ``--codec``) ends with one JSON line with
+paper_step_ratio_offline_over_alone (the worse store format), paper_step_ratio_online_over_alone,
+paper_offline_over_online, paper_extract_ratio_over_forward, and the store's figures
+(benchmarks/store_cost.py): index_store_bytes_over_fp32_maps, bytes_ratio_default_codec_over_fp32,
+decode_rate_over_consumption and grad_cosine_default. ``--pair tiny`` prints tables, then one JSON line with
 step_ratio_offline_over_alone, step_ratio_online_over_alone, extract_ratio_over_forward,
 read_rate_over_consumption, bytes_ratio_default_codec_over_fp32 and min_r_default_codec (and the
 rest of the figures).
@@ -45,7 +47,8 @@ from stages.synth import SynthConfig, synth  # noqa: E402
 from stages.teachers import load_teacher  # noqa: E402
 from storage import describe, open_store  # noqa: E402
 
-DEFAULT_CODEC = "int8"
+DEFAULT_CODEC = "pca"  # the codec the bits study supports (README: How many bits PKD needs); params-coco.yaml's
+STRESS_CODEC = "int8"  # the tiny pair's step and read stores (their names say so), as measured before pca existed
 COCO_TRAIN_IMAGES = 118_287  # every image of instances_train2017.json: extract stores all of them, annotated or not
 COCO_PIXELS = 800 * 1067  # the typical COCO image (640x480) resized to short side 800 (1067x800), as the recipe does
 
@@ -76,7 +79,7 @@ def bench_extraction(args, data: Path, checkpoint: Path, work: Path) -> dict:
     teacher, _ = load_teacher("swin", checkpoint=checkpoint, random_init=False, variant=args.variant, num_classes=7)
     teacher.to(device)
     double = synth(SynthConfig(out=work / "data2x", train=2 * args.images, val=2, image_size=args.image_size, seed=0))
-    cfg = extract_config(args, data, work / "extract.zarr", checkpoint, codec=DEFAULT_CODEC)
+    cfg = extract_config(args, data, work / "extract.zarr", checkpoint, codec=STRESS_CODEC)
     dataset = CocoDetection(data, "train", store_views_of(cfg))
     batches = [[dataset[(i, v)] for i in range(start, min(start + 4, len(dataset))) for v in (0, 1)]
                for start in range(0, len(dataset), 4)]
@@ -91,7 +94,7 @@ def bench_extraction(args, data: Path, checkpoint: Path, work: Path) -> dict:
         seconds = []
         for source, name in ((data, "x1.zarr"), (double, "x2.zarr")):
             tick = time.perf_counter()
-            extract(extract_config(args, source, work / name, checkpoint, codec=DEFAULT_CODEC))
+            extract(extract_config(args, source, work / name, checkpoint, codec=STRESS_CODEC))
             seconds.append(time.perf_counter() - tick)
         whole.append(2 * args.images / max(seconds[1] - seconds[0], 1e-9))
     return {"extract_img_per_s": statistics.median(whole), "forward_img_per_s": statistics.median(forward),
@@ -107,7 +110,7 @@ def store_views_of(cfg: ExtractConfig):
 def bench_codecs(args, data: Path, checkpoint: Path, work: Path) -> dict:
     """Bytes per image per level and Pearson r (decoded vs fp32) per level, per codec and a by-hand baseline."""
     stores = {}
-    for codec in ("fp32", "fp16", "int8"):
+    for codec in ("fp32", "fp16", "int8", "pca"):
         stores[codec] = extract(extract_config(args, data, work / f"codec-{codec}.zarr", checkpoint, codec=codec))
     reference = open_store(str(stores["fp32"]))
     raw = {level.stride: 0 for level in reference.manifest.levels}
@@ -254,7 +257,7 @@ def bench_scale(args, work: Path, checkpoint: Path) -> dict:
                                  image_size=args.image_size, seed=1))
         command = [sys.executable, "-m", "pkd_offline", "extract", "--teacher", "swin", "--checkpoint", str(checkpoint),
                    "--variant", args.variant, "--data", str(data), "--out", str(work / f"scale{factor}.zarr"),
-                   "--short-side", str(args.image_size), "--max-size", str(args.image_size), "--codec", DEFAULT_CODEC,
+                   "--short-side", str(args.image_size), "--max-size", str(args.image_size), "--codec", STRESS_CODEC,
                    "--views", "2", "--workers", str(args.workers), "--device", args.device, "--no-progress"]
         tick = time.perf_counter()
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -278,7 +281,7 @@ def bench_ranks(args, work: Path, checkpoint: Path) -> dict:
             "-m", "pkd_offline"]
         command = [*launcher, "extract", "--teacher", "swin", "--checkpoint", str(checkpoint), "--variant", args.variant,
                    "--data", str(data), "--out", str(work / f"ranks{nproc}.zarr"), "--short-side", str(args.image_size),
-                   "--max-size", str(args.image_size), "--codec", DEFAULT_CODEC, "--views", "2", "--workers", "1",
+                   "--max-size", str(args.image_size), "--codec", STRESS_CODEC, "--views", "2", "--workers", "1",
                    "--device", args.device, "--samples-per-shard", "16", "--no-progress", "--overwrite"]
         tick = time.perf_counter()
         subprocess.run(command, check=True, capture_output=True)
@@ -292,7 +295,7 @@ def coco_projection(codecs: dict, levels: dict[str, list[int]], channels: int, c
     ``COCO_PIXELS``) with a 256-channel FPN teacher, per codec, level set and view count, from the bytes
     per valid input pixel per channel measured here (so padding and zstd are as on the measured set)."""
     projection = {}
-    for codec in ("fp32", "fp16", "int8"):
+    for codec in [name for name, row in codecs.items() if isinstance(row, dict) and "bytes_per_pixel_per_level" in row]:
         per_pixel = codecs[codec]["bytes_per_pixel_per_level"]
         for level_name, strides in levels.items():
             bytes_per_image = sum(per_pixel[s] for s in strides) / channels * coco_channels * COCO_PIXELS
@@ -319,6 +322,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=192)
     parser.add_argument("--teacher-checkpoint", default=str(ROOT / "runs" / "teacher" / "model.pt"))
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--codec", help=f"--pair paper: the stores' codec (default {DEFAULT_CODEC})")
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
     args.images, args.steps, args.rounds = (16, 4, 3) if args.quick else (64, 8, 5)
@@ -338,8 +342,8 @@ def main() -> None:
             if isinstance(row, dict):
                 r = " ".join(f"P{int(s).bit_length() - 1}:{v:.5f}" for s, v in row.get("min_r_per_level", {}).items())
                 print(f"{name:<16} {row['bytes_per_image'] / 1e3:>9.1f} kB  {row['ratio_to_fp32']:>8.3f}   {r}")
-        stores = {"zarr_int8": work / f"codec-{DEFAULT_CODEC}.zarr"}
-        stores["wds_int8"] = extract(extract_config(args, data, work / "wds", checkpoint, codec=DEFAULT_CODEC))
+        stores = {"zarr_int8": work / f"codec-{STRESS_CODEC}.zarr"}
+        stores["wds_int8"] = extract(extract_config(args, data, work / "wds", checkpoint, codec=STRESS_CODEC))
         stores["zarr_fp16"] = work / "codec-fp16.zarr"
         runs = make_runs(args, data, checkpoint, {k: stores[k] for k in ("zarr_int8", "wds_int8")})
         steps = bench_steps(args, runs)
@@ -381,7 +385,7 @@ def main_paper(args) -> None:
     """The paper's pair (``benchmarks/paper_pair.py``), at sizes that fit a few minutes on a 2-core CPU."""
     from paper_pair import bench_paper
 
-    args.codec = DEFAULT_CODEC
+    args.codec = args.codec or DEFAULT_CODEC
     args.paper_images, args.paper_steps, args.paper_rounds, args.paper_extract_rounds = (
         (4, 2, 2, 1) if args.quick else (8, 3, 3, 2))
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, device {args.device}")

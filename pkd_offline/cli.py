@@ -55,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--split")
     extract.add_argument("--out", help="store path or fsspec URL (s3://bucket/features.zarr)")
     extract.add_argument("--format", dest="store_format", choices=("zarr", "wds"))
-    extract.add_argument("--codec")
+    extract.add_argument("--codec", help="fp32, fp16, int8 (the bits study's int6, int4, int2), or pca: "
+                                          "decorrelated channels, --pca-step")
+    extract.add_argument("--pca-step", dest="pca_step", type=float,
+                         help="pca codec: rounding step of each component, in channel std units (default 0.1)")
     extract.add_argument("--views", type=int)
     extract.add_argument("--levels", help="pyramid levels to keep, e.g. 2,3,4,5 (P2 = stride 4)")
     extract.add_argument("--layout", choices=("full", "projected"),

@@ -18,20 +18,23 @@ import torch
 from torch import Tensor
 
 from storage import CODECS
-from storage.codecs import EncodedLevel, map_part
+from storage.codecs import PcaCodec, EncodedLevel, map_part
+from storage.pca_basis import LevelBasis
 
 
 @dataclass
 class EncodedMap:
     """One level of one sample as its codec stores it, as tensors: ``parts`` {name: Tensor} (a "map" part
-    (C, H, W), a "channel" part (C,)). ``decode(device)`` gives the float32 (C, H, W) map there."""
+    (C, H, W), a "channel" part (C,)), and the level's ``basis`` where the codec needs one (pca: a few hundred
+    KB a level beside maps of many MB). ``decode(device)`` gives the float32 (C, H, W) map there."""
 
     codec: str
     parts: dict[str, Tensor]
+    basis: LevelBasis | None = None
 
     @classmethod
     def from_level(cls, level: EncodedLevel) -> EncodedMap:
-        return cls(level.codec, {name: torch.from_numpy(values) for name, values in level.parts.items()})
+        return cls(level.codec, {name: torch.from_numpy(values) for name, values in level.parts.items()}, level.basis)
 
     @property
     def shape(self) -> torch.Size:
@@ -40,11 +43,11 @@ class EncodedMap:
 
     def decode(self, device: torch.device | str | None = None) -> Tensor:
         parts = {name: values.to(device, non_blocking=True) for name, values in self.parts.items()}
-        return DECODERS[self.codec](parts)
+        return DECODERS[self.codec](parts, self.basis)
 
     def pin_memory(self) -> EncodedMap:
         """A copy in page-locked memory (DataLoader ``pin_memory``), so the copy to the GPU runs asynchronously."""
-        return EncodedMap(self.codec, {name: values.pin_memory() for name, values in self.parts.items()})
+        return EncodedMap(self.codec, {name: values.pin_memory() for name, values in self.parts.items()}, self.basis)
 
 
 def dense_map(features: Tensor | EncodedMap, device: torch.device | str | None = None) -> Tensor:
@@ -55,7 +58,7 @@ def dense_map(features: Tensor | EncodedMap, device: torch.device | str | None =
 def _encode_float(dtype: torch.dtype, name: str) -> Callable[[Tensor], dict[str, Tensor]]:
     limit = float(torch.finfo(dtype).max)
 
-    def encode(features: Tensor) -> dict[str, Tensor]:
+    def encode(features: Tensor, basis: LevelBasis | None = None) -> dict[str, Tensor]:
         features = features.float()
         if features.numel() and max(float(features.amax()), -float(features.amin())) > limit:
             raise ValueError(f"features exceed the {name} range (|x| > {limit:g}): use the fp32 codec")
@@ -63,10 +66,17 @@ def _encode_float(dtype: torch.dtype, name: str) -> Callable[[Tensor], dict[str,
     return encode
 
 
-def _encode_int8(features: Tensor) -> dict[str, Tensor]:
-    """``Int8Codec.encode`` in torch, for maps (..., C, H, W): per map and channel, the range in float64,
-    steps rounded half to even and clipped to +-127."""
-    levels = CODECS["int8"].levels
+def _encode_int(name: str) -> Callable[[Tensor], dict[str, Tensor]]:
+    """``IntCodec.encode`` of codec ``name`` in torch, for maps (..., C, H, W): per map and channel, the range
+    in float64, steps rounded half to even and clipped to +-levels."""
+    levels = CODECS[name].levels
+
+    def encode(features: Tensor, basis: LevelBasis | None = None) -> dict[str, Tensor]:
+        return _encode_levels(features, levels)
+    return encode
+
+
+def _encode_levels(features: Tensor, levels: int) -> dict[str, Tensor]:
     features = features.float()
     if features.shape[-1] * features.shape[-2] == 0:
         zeros = torch.zeros(features.shape[:-2], dtype=torch.float32, device=features.device)
@@ -82,33 +92,71 @@ def _encode_int8(features: Tensor) -> dict[str, Tensor]:
     return {"q": q, "scale": scale, "offset": offset}
 
 
-def _decode_float(parts: dict[str, Tensor]) -> Tensor:
+def _decode_float(parts: dict[str, Tensor], basis: LevelBasis | None = None) -> Tensor:
     return parts["values"].float()
 
 
-def _decode_int8(parts: dict[str, Tensor]) -> Tensor:
+def _decode_int(parts: dict[str, Tensor], basis: LevelBasis | None = None) -> Tensor:
     return parts["q"].float() * parts["scale"].float()[:, None, None] + parts["offset"].float()[:, None, None]
+
+
+def _basis_tensor(values: np.ndarray, like: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.from_numpy(np.asarray(values)).to(like.device, dtype)
+
+
+def _encode_pca(features: Tensor, basis: LevelBasis | None) -> dict[str, Tensor]:
+    """``PcaCodec.encode`` in torch for maps (..., C, H, W), in float64 as numpy does: standardise, rotate
+    (components^T), round half to even to the step, zigzag, two byte planes. ValueError if a code needs more than
+    two bytes."""
+    if basis is None:
+        raise ValueError("the pca codec needs the store's basis")
+    f64 = torch.float64
+    mean, scale = (_basis_tensor(v, features, f64)[:, None, None] for v in (basis.mean, basis.scale))
+    components = _basis_tensor(basis.components, features, f64)
+    standard = (features.double() - mean) / scale
+    steps = torch.round(torch.einsum("cd,...chw->...dhw", components, standard) / basis.step)
+    codes = torch.where(steps >= 0, 2 * steps, -2 * steps - 1).long()
+    if codes.numel() and int(codes.max()) > PcaCodec.max_code:
+        raise ValueError("features lie too far from the pca basis's mean (beyond +-32767 steps): the basis was "
+                         "fitted on other data; use the int8 codec")
+    return {"low": (codes & 0xFF).to(torch.uint8), "high": (codes >> 8).to(torch.uint8)}
+
+
+def _decode_pca(parts: dict[str, Tensor], basis: LevelBasis | None) -> Tensor:
+    """``PcaCodec.decode`` in torch on the parts' device, in float32 (within float32 rounding of numpy's float64)."""
+    if basis is None:
+        raise ValueError("the pca codec needs the store's basis")
+    low = parts["low"]
+    codes = low.long() + 256 * parts["high"].long()
+    steps = (codes >> 1) ^ -(codes & 1)
+    channels = low.shape[0]
+    components = _basis_tensor(basis.components, low, torch.float32)
+    standard = components @ (steps.reshape(channels, -1).float() * basis.step)
+    scale, mean = (_basis_tensor(v, low, torch.float32)[:, None] for v in (basis.scale, basis.mean))
+    return (standard * scale + mean).reshape(low.shape)
 
 
 ENCODERS: dict[str, Callable[[Tensor], dict[str, Tensor]]] = {
     "fp32": _encode_float(torch.float32, "fp32"),
     "fp16": _encode_float(torch.float16, "fp16"),
-    "int8": _encode_int8,
+    **{name: _encode_int(name) for name in ("int8", "int6", "int4", "int2")},
+    "pca": _encode_pca,
 }
-"""codec name -> encode(float (..., C, H, W) on any device) -> parts as ``CODECS[name].encode`` makes them
+"""codec name -> encode(float (..., C, H, W) on any device, the level's basis or None) -> parts as ``CODECS[name].encode`` makes them
 for each (C, H, W) map."""
 
 DECODERS: dict[str, Callable[[Tensor], dict[str, Tensor]]] = {
     "fp32": _decode_float,
     "fp16": _decode_float,
-    "int8": _decode_int8,
+    **{name: _decode_int for name in ("int8", "int6", "int4", "int2")},
+    "pca": _decode_pca,
 }
-"""codec name -> decode(parts on a device) -> float32 (C, H, W) there, as ``CODECS[name].decode``."""
+"""codec name -> decode(parts on a device, the level's basis or None) -> float32 (C, H, W) there, as ``CODECS[name].decode``."""
 
 
-def encode_on_device(codec: str, features: Tensor) -> list[EncodedLevel]:
-    """Encode a batch of one level's maps (N, C, H, W) where they lie and bring the parts to the host:
-    one EncodedLevel per map (numpy views of the batch's arrays). ValueError where the codec cannot hold
-    the values (fp16 past its range)."""
-    parts = {name: values.cpu().numpy() for name, values in ENCODERS[codec](features).items()}
+def encode_on_device(codec: str, features: Tensor, basis: LevelBasis | None = None) -> list[EncodedLevel]:
+    """Encode a batch of one level's maps (N, C, H, W) where they lie (with the level's ``basis`` for a codec
+    that needs one) and bring the parts to the host: one EncodedLevel per map (numpy views of the batch's
+    arrays). ValueError where the codec cannot hold the values (fp16 past its range, pca far off its basis)."""
+    parts = {name: values.cpu().numpy() for name, values in ENCODERS[codec](features, basis).items()}
     return [EncodedLevel(codec, {name: values[i] for name, values in parts.items()}) for i in range(len(features))]

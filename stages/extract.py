@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import random
 import sys
 import threading
 import time
@@ -34,6 +35,9 @@ from pkd_offline.stored_maps import encode_on_device
 from pkd_offline.views import View, make_views, view_padded_size
 from stages.teachers import load_teacher
 from storage import LevelSpec, Manifest, Sample, create_store, detect_format
+from storage.codecs import needs_basis
+from storage.pca_basis import DEFAULT_STEP, SIDE_NAME, fit_level_basis, level_steps, read_side, side_bytes, side_sha256
+from storage.store import existing_side
 
 
 @dataclass
@@ -49,6 +53,7 @@ class ExtractConfig:
     out: str | Path = Path("features/train.zarr")  # a local path or an fsspec URL (s3://bucket/f.zarr)
     store_format: str | None = None
     codec: str = "fp16"
+    pca_step: float = DEFAULT_STEP  # the pca codec's step at the finest level, channel std units
     views: int = 1
     levels: str | None = None
     layout: str = "full"  # "projected": levels paired by index with student_levels, stored at the student's size
@@ -248,6 +253,29 @@ class ShardWriterThread(threading.Thread):
             raise self.error
 
 
+# Where extraction's main loop spends its time (the second summary line on stderr): waiting for the loader's
+# images (after the first batch), the teacher forward plus device-side checks, encoding and the copy to the
+# host, waiting for a free shard writer (the queue is full), and writing the last shards after the last batch.
+EXTRACT_PHASES = ("images", "teacher", "writers", "last_shards")
+FIT_SAMPLES = 32  # (image, view) samples a pca basis is fitted on, drawn with a fixed seed
+
+
+def fit_side(teacher, dataset: CocoDetection, n_views: int, strides: list[int], device: torch.device,
+             projected: frozenset[int], step: float) -> bytes:
+    """The pca codec's side file: per stride, a basis fitted on the stored maps (projections for the projected
+    strides) of ``FIT_SAMPLES`` samples drawn with a fixed seed, so a re-run fits the same one."""
+    total = len(dataset) * n_views
+    picks = sorted(random.Random(0).sample(range(total), min(FIT_SAMPLES, total)))
+    items = ExtractionItems(dataset, with_images=False)
+    maps: dict[int, list[np.ndarray]] = defaultdict(list)
+    for index in picks:
+        sample, = run_teacher(teacher, [items[divmod(index, n_views)]], strides, device, n_views, "fp32", projected)
+        for stride in strides:
+            maps[stride].append(sample.features[stride].parts["values"])
+    steps = level_steps(step, strides)
+    return side_bytes({stride: fit_level_basis(maps[stride], steps[stride]) for stride in strides})
+
+
 def extract(cfg: ExtractConfig) -> Path | str:
     """Extract the teacher's FPN features of ``cfg.split`` into the store at ``cfg.out``; returns its path.
 
@@ -275,19 +303,41 @@ def extract(cfg: ExtractConfig) -> Path | str:
     if cfg.on_error == "skip":
         good, skipped = readable_images(dataset, cfg.workers)
         dataset.image_ids = good
-    manifest = Manifest(
-        format=store_format, teacher=identity, normalization=teacher.transform.normalization(),
-        levels=level_specs(dataset, views, strides, teacher.channels, projected), codec=cfg.codec, layout=layout,
-        views=[v.to_dict() for v in views],
-        dataset={"annotation_sha256": file_sha256(dataset.annotation_file), "split": cfg.split,
-                 "annotation_file": dataset.annotation_file.name, "image_ids": dataset.image_ids},
-        samples_per_shard=cfg.samples_per_shard, skipped=skipped,
-        categories=[{"id": c, "name": str(dataset.coco.cats[c].get("name", c))} for c in dataset.category_ids])
+    levels = level_specs(dataset, views, strides, teacher.channels, projected)
+
+    def make_manifest(codec_side: dict | None) -> Manifest:
+        return Manifest(
+            format=store_format, teacher=identity, normalization=teacher.transform.normalization(),
+            levels=levels, codec=cfg.codec, layout=layout,
+            views=[v.to_dict() for v in views],
+            dataset={"annotation_sha256": file_sha256(dataset.annotation_file), "split": cfg.split,
+                     "annotation_file": dataset.annotation_file.name, "image_ids": dataset.image_ids},
+            samples_per_shard=cfg.samples_per_shard, skipped=skipped, codec_side=codec_side,
+            categories=[{"id": c, "name": str(dataset.coco.cats[c].get("name", c))} for c in dataset.category_ids])
+
+    def side_record(side: bytes | None) -> dict | None:
+        return None if side is None else {"file": SIDE_NAME, "sha256": side_sha256(side), "step": float(cfg.pca_step)}
+
+    side = None
+    if needs_basis(cfg.codec) and not cfg.pca_step > 0:
+        raise PkdError(f"--pca-step must be > 0, got {cfg.pca_step}")
     if ranks.is_main:
-        writer = create_store(str(cfg.out), manifest, overwrite=bool(cfg.overwrite))
+        if needs_basis(cfg.codec):  # fitted once, by rank 0, before the first shard; a resumed store keeps its own
+            side = None if cfg.overwrite else existing_side(cfg.out)
+            side = side or fit_side(teacher, dataset, len(views), strides, device, frozenset(projected),
+                                    cfg.pca_step)
+        writer = create_store(str(cfg.out), make_manifest(side_record(side)), overwrite=bool(cfg.overwrite),
+                              side=side)
     barrier(ranks)
+    if needs_basis(cfg.codec) and not ranks.is_main:  # every rank encodes with the basis the store holds
+        side = existing_side(cfg.out)
+        if side is None:
+            raise PkdError(f"the store at {cfg.out} holds no readable pca basis: re-run extraction with --overwrite")
+    manifest = make_manifest(side_record(side))
     if not ranks.is_main:
         writer = create_store(str(cfg.out), manifest)
+    bases = {} if side is None else read_side(side, {level.stride: level.channels for level in manifest.levels},
+                                             str(cfg.out))
     done = writer.completed_shards()
     todo = [k for k in range(ranks.rank, manifest.n_shards, ranks.world_size) if k not in done]
     batches = shard_batches(manifest, todo, dataset, views, cfg.batch_size)
@@ -299,20 +349,38 @@ def extract(cfg: ExtractConfig) -> Path | str:
     bar = tqdm(total=todo_samples, desc=f"extract {cfg.teacher}", unit="img",
                disable=not cfg.progress or not ranks.is_main)
     started = None
+    phases = dict.fromkeys(EXTRACT_PHASES, 0.0)  # seconds of this process's main loop, by what it waited on
     try:
-        for batch in loader:
-            started = started or time.perf_counter()  # the first batch is in: start-up is over
-            for sample in run_teacher(teacher, batch, strides, device, manifest.n_views, cfg.codec,
-                                      frozenset(projected)):
+        batches_in = iter(loader)
+        while True:
+            tick = time.perf_counter()
+            batch = next(batches_in, None)
+            if batch is None:
+                break
+            if started is None:
+                started = time.perf_counter()  # the first batch is in: start-up is over
+            else:
+                phases["images"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            samples = run_teacher(teacher, batch, strides, device, manifest.n_views, cfg.codec, frozenset(projected),
+                                  bases)
+            phases["teacher"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            for sample in samples:
                 writer_thread.put(sample)
+            phases["writers"] += time.perf_counter() - tick
             bar.update(len(batch))
     finally:
         bar.close()
+        tick = time.perf_counter()
         writer_thread.close()
+        phases["last_shards"] = time.perf_counter() - tick
     if ranks.is_main and started is not None:
         seconds = time.perf_counter() - started
         print(f"extract: {todo_samples} samples in {seconds:.3f} s from the first batch to the last shard written "
               f"({todo_samples / seconds:.1f} samples/s in this process)", file=sys.stderr)
+        print("extract phases: " + ", ".join(f"{name} {value:.3f} s" for name, value in phases.items()),
+              file=sys.stderr)
     barrier(ranks)
     if ranks.is_main:
         writer.finalize()
@@ -332,11 +400,12 @@ def teacher_autocast(device: torch.device) -> torch.autocast:
 
 @torch.inference_mode()
 def run_teacher(teacher, batch: list[dict], strides: list[int], device: torch.device, n_views: int, codec: str,
-                projected: frozenset[int] = frozenset()) -> list[Sample]:
+                projected: frozenset[int] = frozenset(), bases: dict | None = None) -> list[Sample]:
     """Teacher FPN maps of one same-size batch as Samples whose levels are encoded with ``codec`` on the
     teacher's device (``encode_on_device``: only the stored values cross to the host), each (C, h/stride,
     w/stride); a stride in ``projected`` becomes its projection for a student of twice the stride
-    (``project_image``) and is encoded the same way. PkdError naming the image if any value is NaN or Inf."""
+    (``project_image``) and is encoded the same way (a codec that needs side information with ``bases``
+    {stride: LevelBasis}). PkdError naming the image if any value is NaN or Inf."""
     images = [item["image"].to(device, non_blocking=True) for item in batch]
     with teacher_autocast(device):
         features, _ = teacher.features(images)
@@ -362,7 +431,7 @@ def run_teacher(teacher, batch: list[dict], strides: list[int], device: torch.de
                 raise PkdError(f"teacher features of image {item['image_id']} (view {item['view_index']}, stride "
                                f"{s}) hold NaN or Inf: nothing was written for it; check the checkpoint and the image")
     try:
-        encoded = {s: encode_on_device(codec, levels[s]) for s in strides}
+        encoded = {s: encode_on_device(codec, levels[s], (bases or {}).get(s)) for s in strides}
     except ValueError as error:
         raise PkdError(f"images {[item['image_id'] for item in batch]}: {error}") from None
     return [Sample(index=item["image_index"] * n_views + item["view_index"], image_id=item["image_id"],

@@ -24,8 +24,12 @@ def inspect_store(path: str, *, as_json: bool = False) -> str:
     manifest = reader.manifest
     if as_json:
         return json.dumps({**summary, "teacher": manifest.teacher, "views": manifest.views,
+                           "codec_side": manifest.codec_side,
                            "dataset": {k: v for k, v in manifest.dataset.items() if k != "image_ids"}})
-    lines = [f"store      {path} ({summary['format']}, codec {summary['codec']})",
+    side = manifest.codec_side
+    codec = summary["codec"] + (f", step {side['step']:g} channel std at the finest level, basis in {side['file']}"
+                                if side else "")
+    lines = [f"store      {path} ({summary['format']}, codec {codec})",
              f"teacher    {manifest.teacher}",
              f"samples    {summary['samples']} in {summary['shards']} shards "
              f"({len(manifest.image_ids)} images x {manifest.n_views} views, {len(manifest.skipped)} skipped)",

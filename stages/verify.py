@@ -20,8 +20,11 @@ from stages.extract import teacher_autocast
 from stages.teachers import load_teacher
 from storage import StoreError, open_store
 
-# Lowest Pearson r (stored vs recomputed, per level) each codec must reach.
+# Lowest Pearson r (stored vs recomputed, per level) each codec must reach. A codec not named here (the
+# bits study's int6, int4, int2; pca) must come within ROUND_TRIP_SLACK of its own round trip of the recomputed map:
+# the stored map is then as close to the teacher's as that codec can be.
 MIN_PEARSON_R = {"fp32": 0.99999, "fp16": 0.9999, "int8": 0.999}
+ROUND_TRIP_SLACK = 1e-3
 
 
 @dataclass
@@ -85,13 +88,20 @@ def verify(cfg: VerifyConfig) -> dict:
                 problems.append(f"sample {index} stride {stride}: stored shape {kept.shape} vs recomputed {fresh.shape}")
                 continue
             levels[stride]["min_r"] = min(levels[stride]["min_r"], pearson_r(kept, fresh))
+            if manifest.codec not in MIN_PEARSON_R:
+                codec = store.level_codecs[stride]
+                own = pearson_r(codec.decode(codec.encode(fresh)), fresh) - ROUND_TRIP_SLACK
+                levels[stride]["threshold"] = min(levels[stride].get("threshold", 1.0), own)
             levels[stride]["max_abs_error"] = max(levels[stride]["max_abs_error"], float(np.abs(kept - fresh).max()))
     threshold = MIN_PEARSON_R.get(manifest.codec, 0.999)
-    low = [s for s, level in levels.items() if level["min_r"] < threshold]
+    for level in levels.values():
+        level.setdefault("threshold", threshold)
+    low = [s for s, level in levels.items() if level["min_r"] < level["threshold"]]
+    threshold = min(level["threshold"] for level in levels.values()) if levels else threshold
     ok = not problems and not low
     lines = [f"shards     {manifest.n_shards} checked, {len(problems)} problems"] + [f"  {p}" for p in problems]
-    lines.append(f"samples    {len(indices)} recomputed with the teacher (codec {manifest.codec}, needs r >= {threshold})")
+    lines.append(f"samples    {len(indices)} recomputed with the teacher (codec {manifest.codec}, needs r >= {threshold:.6g})")
     lines += [f"  stride {s:<4} r {v['min_r']:.6f}  max |error| {v['max_abs_error']:.3g}" for s, v in levels.items()]
-    lines.append("OK" if ok else "FAILED: " + "; ".join(problems[:3] + [f"stride {s} r below {threshold}" for s in low]))
+    lines.append("OK" if ok else "FAILED: " + "; ".join(problems[:3] + [f"stride {s} r below {levels[s]['threshold']:.4f}" for s in low]))
     return {"ok": ok, "shard_problems": problems, "levels": {str(s): v for s, v in levels.items()},
             "threshold": threshold, "text": "\n".join(lines)}

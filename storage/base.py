@@ -11,12 +11,49 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from storage.codecs import CODECS, Codec, EncodedLevel, map_shape
+from storage.codecs import CODECS, Codec, EncodedLevel, map_shape, needs_basis
 from storage.errors import StoreError
 from storage.files import (MANIFEST_NAME, Location, atomic_write_bytes, marker_name, read_markers, remove_file,
                            write_marker)
 from storage.manifest import STATISTIC_PARTS, Manifest, ShardRecord
+from storage.pca_basis import LevelBasis, read_side, side_sha256
 from storage.sample import Sample
+
+
+def load_bases(location: Location, manifest: Manifest) -> dict[int, LevelBasis]:
+    """The store's codec side information, {stride: LevelBasis} ({} for a codec without any); StoreError (one
+    line) if the side file is missing, its sha256 is not the manifest's, or its arrays are wrong."""
+    side = manifest.codec_side
+    if side is None:
+        return {}
+    where = location.url(side["file"])
+    location.refresh(side["file"])
+    if not location.isfile(side["file"]):
+        raise StoreError(f"{where} is missing: the {manifest.codec} codec's basis is gone; re-extract the store")
+    data = location.fs.cat_file(location.path(side["file"]))
+    if side_sha256(data) != side["sha256"]:
+        raise StoreError(f"{where} has sha256 {side_sha256(data)[:12]}..., the manifest {side['sha256'][:12]}...: "
+                         "the codec's basis is damaged or changed; re-extract the store")
+    return read_side(data, {level.stride: level.channels for level in manifest.levels}, where)
+
+
+class LevelCodecs:
+    """The codec of each level: the manifest's codec, bound to the level's basis when it needs one (loaded on
+    first use, so a writer can exist before extraction has written the side file)."""
+
+    def __init__(self, location: Location, manifest: Manifest) -> None:
+        self.location, self.manifest = location, manifest
+        self.codec: Codec = CODECS[manifest.codec]
+        self._bases: dict[int, LevelBasis] | None = None if needs_basis(manifest.codec) else {}
+
+    @property
+    def bases(self) -> dict[int, LevelBasis]:
+        if self._bases is None:
+            self._bases = load_bases(self.location, self.manifest)
+        return self._bases
+
+    def __getitem__(self, stride: int) -> Codec:
+        return self.codec.bound(self.bases[stride]) if self.bases else self.codec
 
 
 class StoreWriter:
@@ -27,6 +64,7 @@ class StoreWriter:
         self.root = str(location)
         self.manifest = manifest
         self.codec: Codec = CODECS[manifest.codec]
+        self.level_codecs = LevelCodecs(location, manifest)
 
     def completed_shards(self) -> set[int]:
         """Indices of shards whose data and marker are written (resume skips them)."""
@@ -66,7 +104,7 @@ class StoreWriter:
         float64 sums of a projected level."""
         features = sample.features[stride]
         parts = self._checked_parts(features, stride) if isinstance(features, EncodedLevel) \
-            else self.codec.encode(features)
+            else self.level_codecs[stride].encode(features)
         if stride in self.manifest.projected_strides:
             parts.update({name: np.asarray(sample.statistics[stride][name], "<f8") for name in STATISTIC_PARTS})
         return parts
@@ -128,6 +166,8 @@ class StoreReader:
         self.root = str(location)
         self.manifest = manifest
         self.codec: Codec = CODECS[manifest.codec]
+        self.level_codecs = LevelCodecs(location, manifest)
+        self.level_codecs.bases  # a missing or damaged basis is refused when the store is opened
         self._image_index: dict[int, int] | None = None
         # True: samples keep each level as its codec stores it (EncodedLevel), checked but not decoded,
         # so a training device can decode it (``pkd_offline.stored_maps``); False: float32 maps.
@@ -169,6 +209,10 @@ class StoreReader:
     def verify_shards(self) -> list[str]:
         """Recompute every shard's sha256 against the manifest; one problem line per bad shard ([] = intact)."""
         problems = []
+        try:
+            load_bases(self.location, self.manifest)
+        except StoreError as error:
+            problems.append(str(error))
         recorded = {record.index: record for record in self.manifest.shards}
         for k in range(self.manifest.n_shards):
             if k not in recorded:
@@ -219,8 +263,8 @@ class StoreReader:
         if not all(np.isfinite(values).all() for values in sums.values()):
             raise StoreError(f"{where} stride {stride} sums are not finite: the store is damaged; re-extract it")
         if self.keep_encoded:
-            return EncodedLevel(self.codec.name, parts), sums
-        return self.codec.decode(parts), sums
+            return EncodedLevel(self.codec.name, parts, self.level_codecs.bases.get(stride)), sums
+        return self.level_codecs[stride].decode(parts), sums
 
 
 def write_manifest(location: Location, manifest: Manifest) -> None:

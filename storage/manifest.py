@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from storage.codecs import CODECS
+from storage.codecs import CODECS, needs_basis
+from storage.pca_basis import SIDE_NAME
 from storage.errors import StoreError
 
 FORMAT_VERSION = 1
@@ -60,6 +61,9 @@ class Manifest:
     ``categories`` is the annotation file's ``[{"id", "name"}, ...]`` sorted by id (contiguous label
     ``i + 1`` is ``categories[i]``), so a store written with images can feed training alone; ``None``
     in stores written before it was recorded.
+
+    ``codec_side`` is ``{"file": "codec_side.npz", "sha256": hex, "step": float}`` for a codec that needs
+    side information (``pca``: its bases, ``storage.pca_basis``, written before the first shard), else ``None``.
     """
 
     format: str
@@ -74,6 +78,7 @@ class Manifest:
     skipped: list[dict] = field(default_factory=list)
     layout: dict = field(default_factory=lambda: {"name": "full"})
     categories: list[dict] | None = None
+    codec_side: dict | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -147,10 +152,13 @@ class Manifest:
             raw["layout"] = {"name": "full"}
         if "categories" not in raw:  # stores written before categories were recorded
             raw["categories"] = None
+        if "codec_side" not in raw:  # stores written before codecs had side information
+            raw["codec_side"] = None
         expected = {
             "layout": dict, "format": str, "teacher": dict, "normalization": dict, "levels": list, "codec": str,
             "views": list, "dataset": dict, "samples_per_shard": int, "shards": list,
             "skipped": list, "format_version": int, "categories": object,  # categories: checked by _validate
+            "codec_side": object,  # checked by _validate
         }
         _check_keys("manifest", raw, expected)
         levels = [LevelSpec(**_check_keys("manifest level", item, dict.fromkeys(
@@ -165,9 +173,10 @@ class Manifest:
     def compatible_with(self, other: Manifest) -> list[str]:
         """Differences that make ``other`` a different job, as ``"field: <self> vs <other>"`` lines ([] = same job).
 
-        Compares format, teacher, normalization, levels, codec, views, dataset, samples_per_shard and layout;
-        not the shards written, the images skipped, or the categories (which follow from the annotation
-        file, whose sha256 ``dataset`` holds: a store written before categories were recorded resumes).
+        Compares format, teacher, normalization, levels, codec, views, dataset, samples_per_shard, layout and the
+        codec side's step; not the shards written, the images skipped, the categories (which follow from the
+        annotation file, whose sha256 ``dataset`` holds: a store written before categories were recorded resumes),
+        or the side file's hash (a resumed store keeps the basis it was started with: it is never refitted).
         """
         # Compare as JSON sees them (tuples become lists, dict keys strings), as a stored manifest is read back.
         mine, theirs = json.loads(self.to_json()), json.loads(other.to_json())
@@ -175,6 +184,8 @@ class Manifest:
         for name in ("format", "teacher", "normalization", "levels", "codec", "views", "dataset",
                      "samples_per_shard", "layout"):
             _diff(name, mine[name], theirs[name], differences)
+        _diff("codec_side.step", (mine["codec_side"] or {}).get("step"), (theirs["codec_side"] or {}).get("step"),
+              differences)
         return differences
 
     def _validate(self) -> None:
@@ -185,6 +196,16 @@ class Manifest:
             fail(f"format {self.format!r} is not one of {', '.join(FORMATS)}")
         if self.codec not in CODECS:
             fail(f"codec {self.codec!r} is unknown; known codecs: {', '.join(sorted(CODECS))}")
+        side = self.codec_side
+        if needs_basis(self.codec):
+            if not (isinstance(side, dict) and set(side) == {"file", "sha256", "step"} and side["file"] == SIDE_NAME
+                    and isinstance(side["sha256"], str) and _SHA256.match(side["sha256"])
+                    and isinstance(side["step"], (int, float)) and not isinstance(side["step"], bool)
+                    and side["step"] > 0):
+                fail(f'codec {self.codec} needs codec_side {{"file": "{SIDE_NAME}", "sha256": 64 hex digits, '
+                     f'"step": > 0}}, got {_short(side)}')
+        elif side is not None:
+            fail(f"codec {self.codec} takes no codec_side, got {_short(side)}")
         if not _is_int(self.samples_per_shard) or self.samples_per_shard < 1:
             fail(f"samples_per_shard must be a positive integer, got {self.samples_per_shard!r}")
         if not self.levels:

@@ -6,13 +6,16 @@ look like FPN maps to a compressor; map sizes are ragged, ``ceil(image_hw / stri
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 
+from storage.codecs import needs_basis
 from storage.manifest import LevelSpec, Manifest
+from storage.pca_basis import DEFAULT_STEP, SIDE_NAME, fit_level_basis, level_steps, side_bytes, side_sha256
 from storage.sample import Sample
 
 
@@ -27,10 +30,17 @@ def tiny_manifest(
     max_image_hw: tuple[int, int] = (64, 80),
     samples_per_shard: int = 3,
 ) -> Manifest:
-    """A manifest for a small job: ``image_ids`` default to 5 ids, views are flips."""
+    """A manifest for a small job: ``image_ids`` default to 5 ids, views are flips. A codec that needs side
+    information (pca) gets ``tiny_side``'s basis, which ``write_store`` writes."""
     image_ids = [11, 12, 13, 14, 15] if image_ids is None else image_ids
     levels = [LevelSpec(stride=s, channels=channels, max_height=-(-max_image_hw[0] // s),
                         max_width=-(-max_image_hw[1] // s)) for s in strides]
+    if needs_basis(codec):
+        plain = tiny_manifest(fmt=fmt, codec="fp32", image_ids=image_ids, n_views=n_views, strides=strides,
+                              channels=channels, max_image_hw=max_image_hw, samples_per_shard=samples_per_shard)
+        side = tiny_side(plain)
+        return dataclasses.replace(plain, codec=codec, codec_side={"file": SIDE_NAME, "sha256": side_sha256(side),
+                                                                   "step": DEFAULT_STEP})
     return Manifest(
         format=fmt,
         teacher={"name": "tiny", "variant": "test", "checkpoint_sha256": "0" * 64, "random_init_seed": 0},
@@ -75,11 +85,20 @@ def tiny_samples(manifest: Manifest, seed: int = 0) -> list[Sample]:
     return samples
 
 
+def tiny_side(manifest: Manifest) -> bytes:
+    """A pca side file for ``manifest``'s levels: bases fitted on ``tiny_samples(manifest, seed=0)``."""
+    samples = tiny_samples(manifest, seed=0)
+    steps = level_steps(DEFAULT_STEP, manifest.strides)
+    return side_bytes({s: fit_level_basis([sample.features[s] for sample in samples], steps[s])
+                       for s in manifest.strides})
+
+
 def write_store(path: str, manifest: Manifest, samples: list[Sample]):
     """Create, fill and finalize a store at ``path``; returns its finalized manifest."""
     from storage.store import create_store
 
-    writer = create_store(path, manifest)
+    side = tiny_side(dataclasses.replace(manifest, codec="fp32", codec_side=None)) if manifest.codec_side else None
+    writer = create_store(path, manifest, side=side)
     for k in range(manifest.n_shards):
         span = manifest.shard_range(k)
         writer.write_shard(k, samples[span.start: span.stop])

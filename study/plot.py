@@ -1,4 +1,5 @@
-"""The study's plot: each arm's mAP per seed (dots) and mean +- std (bar), from ``metrics/study.json``."""
+"""The study's plots from ``metrics/study.json``: each arm's mAP per seed (dots) and mean +- std (bar); and the bits
+study's mAP against the store's bits per value."""
 
 from __future__ import annotations
 
@@ -9,6 +10,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend choice)
+
+
+def _save(fig, out: Path) -> Path:
+    """Write ``fig`` to the PNG ``out`` (its folder made) and close it."""
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def plot_study(report: dict, out: Path) -> Path:
@@ -31,9 +42,30 @@ def plot_study(report: dict, out: Path) -> Path:
     ax.set_ylim(bottom=max(0.0, math.floor(10 * lowest - 0.5) / 10))  # zoomed: the arms differ by hundredths
     ax.set_title("Accuracy study: mean +- std over n seeds (dots: single seeds)")
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
+
+
+def plot_bits(report: dict, out: Path) -> Path:
+    """Write a PNG of the codec arms' mAP (mean +- std, dots per seed) against bits per stored value
+    (``report["codec_points"]``, log2 axis), with the baseline's mean +- std as a band and the teacher as a line."""
+    points = sorted(report["codec_points"].items(), key=lambda item: item[1]["bits_per_value"])
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    for name, point in points:
+        arm, bits = report["arms"][name], point["bits_per_value"]
+        ax.errorbar([bits], [arm["mean"]], yerr=[arm["std"]], fmt="o", color="black", capsize=5)
+        ax.scatter([bits] * len(arm["mAP"]), arm["mAP"], color="tab:blue", s=12, zorder=3)
+        ax.annotate(point["codec"], (bits, arm["mean"]), textcoords="offset points", xytext=(6, -12), fontsize=8)
+    if "baseline" in report["arms"]:
+        base = report["arms"]["baseline"]
+        ax.axhspan(base["mean"] - base["std"], base["mean"] + base["std"], color="tab:gray", alpha=0.25,
+                   label=f"baseline (no PKD) {base['mean']:.3f}")
+    if report.get("teacher"):
+        ax.axhline(report["teacher"]["mAP"], color="tab:red", linestyle="--", linewidth=1,
+                   label=f"teacher {report['teacher']['mAP']:.3f}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("bits per stored value (on disk, after zstd)")
+    ax.set_ylabel("box mAP (val)")
+    ax.set_title("Bits study: offline PKD (index) mAP against store bits")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, out)

@@ -7,6 +7,8 @@
                                                          # a run (two threads under load: 3-4x slower a step here)
     python -m study.run --jobs 2 --first offline_index   # every offline_index seed before the other distilled runs
     python -m study.run --report-only                    # a stopped study: report the runs that finished
+    python -m study.run --codec-arms                     # also the bits study's arms (offline_index_CODEC): one
+                                                         # store per codec (study.stores), 3 seeds each
 
 Steps, each skipped when its output already exists (so a stopped study resumes; ``--fresh`` redoes all):
 synthetic data -> teacher (trained once) -> teacher eval -> feature store (extracted once) -> every
@@ -31,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from study.aggregate import study_report
-from study.plot import plot_study
+from study.plot import plot_bits, plot_study
 
 CLI = [sys.executable, "-m", "pkd_offline"]
 
@@ -76,6 +78,12 @@ def finished_seeds(runs: Path, wanted: dict[str, list[int]]) -> dict[str, list[i
     return {arm: seeds for arm, seeds in done.items() if seeds}
 
 
+def seeds_on_disk(runs: Path, arm: str) -> list[int]:
+    """Seeds of ``arm`` that have a run folder under ``runs`` (``ARM-seedN``)."""
+    prefix = f"{arm}-seed"
+    return sorted(int(path.name[len(prefix):]) for path in runs.glob(f"{prefix}*") if path.name[len(prefix):].isdigit())
+
+
 def job_order(arms: list[str], seeds: list[int], diagnostics: dict[str, list[int]], distilled: list[str],
               first: list[str]) -> list[tuple[str, int]]:
     """(arm, seed) runs in start order: every run that needs no teacher (they overlap the teacher chain when
@@ -87,14 +95,40 @@ def job_order(arms: list[str], seeds: list[int], diagnostics: dict[str, list[int
     return sorted(jobs, key=lambda job: job[0] in distilled)  # stable: keeps the order inside each group
 
 
-def recorded_span(logs: Path) -> float | None:
+def recorded_span(logs: Path, keep=lambda step: True) -> float | None:
     """Seconds from the earliest recorded step's start to the latest one's end (``logs/STEP_TIMES`` lines that
-    carry "end"): a stopped or resumed study's wall time; None if no line has one."""
+    carry "end" and whose step name ``keep`` accepts): a stopped or resumed study's wall time; None if no line has
+    one."""
     path = logs / STEP_TIMES
-    rows = [row for row in map(json.loads, path.read_text().splitlines()) if "end" in row] if path.exists() else []
+    rows = [row for row in map(json.loads, path.read_text().splitlines()) if "end" in row and keep(row["step"])] \
+        if path.exists() else []
     if not rows:
         return None
     return max(row["end"] for row in rows) - min(row["end"] - row["seconds"] for row in rows)
+
+
+def store_bits_per_value(store: str) -> float:
+    """Bits on disk per stored feature value of a store (every level, after the codec and zstd): 32 times its
+    level bytes over the same maps as float32. Reads the whole store (``storage.describe``)."""
+    from storage import describe, open_store
+
+    levels = describe(open_store(store))["levels"].values()
+    return 32 * sum(level["bytes_per_image"] for level in levels) / sum(level["fp32_bytes_per_image"] for level in levels)
+
+
+def codec_points(params: dict, arms: list[str]) -> dict[str, dict]:
+    """``{arm: {"codec", "store", "bits_per_value"}}`` for the study's codec arms (and their aliases) that ran and
+    whose store exists: the x axis of the bits plot."""
+    study = params["study"]
+    stores = study.get("stores") or {study["store"]: "extract"}
+    points = {}
+    for arm in arms:
+        section = params[study.get("aliases", {}).get(arm, arm)]
+        store = section.get("features")
+        if arm.startswith("offline_index_") and store and Path(store, "manifest.json").exists():
+            codec = params[stores[store]].get("codec", "fp16")
+            points[arm] = {"codec": codec, "store": store, "bits_per_value": store_bits_per_value(store)}
+    return points
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,17 +147,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="run every seed of these arms before the other arms' runs (default: seed-major order)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: report the runs that have an eval.json (a study stopped early)")
+    parser.add_argument("--codec-arms", action="store_true",
+                        help="also run (or report) study.codec_arms: offline PKD from a store per codec")
     args = parser.parse_args(argv)
     params = yaml.safe_load(args.params.read_text())
     study = params["study"]
-    arms, seeds = args.arms or study["arms"], args.seeds or study["seeds"]
+    codec_arms = study.get("codec_arms", []) if args.codec_arms else []
+    arms, seeds = args.arms or [*study["arms"], *codec_arms], args.seeds or study["seeds"]
     diagnostics = study.get("diagnostics", {}) if args.diagnostics else {}
     unknown = [arm for arm in [*arms, *diagnostics, *(args.first or [])] if not isinstance(params.get(arm), dict)]
     if unknown:
         parser.error(f"no train section for arm(s) {', '.join(unknown)} in {args.params}")
-    data, runs, store = Path(study["data"]), Path(study["runs"]), study["store"]
+    data, runs = Path(study["data"]), Path(study["runs"])
+    stores = study.get("stores") or {study["store"]: "extract"}  # store path -> its extract section
     if args.fresh:
-        for path in (data, runs, Path(store)):
+        for path in (data, runs, *map(Path, stores)):
             shutil.rmtree(path, ignore_errors=True)
     common = ["--params", str(args.params), "--no-progress"]
     device = ["--device", args.device]
@@ -135,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
                                       runs / "logs" / "data.log")
     teacher = runs / "teacher" / "model.pt"
     teacher_eval = runs / "teacher" / "eval.json"
-    needs_store = any(params[arm].get("features") for arm in [*arms, *diagnostics])
+    wanted_stores = {params[arm]["features"] for arm in [*arms, *diagnostics] if params[arm].get("features")}
+    missing = sorted(wanted_stores - set(stores))
+    if missing and not args.report_only:
+        parser.error(f"no extract section for store(s) {', '.join(missing)}: add them to study.stores")
 
     def teacher_chain() -> None:
         """Train and evaluate the teacher once, then extract its features once."""
@@ -146,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
             seconds["teacher_eval"] = run_command(CLI + ["eval", *common, "--section", "eval", "--checkpoint", str(teacher),
                                                          "--out", str(teacher_eval), *device],
                                                   runs / "logs" / "teacher_eval.log")
-        if needs_store and not Path(store, "manifest.json").exists():
-            seconds["extract"] = run_command(CLI + ["extract", *common, "--section", "extract", "--out", store,
-                                                    "--overwrite", *device], runs / "logs" / "extract.log")
+        for store, section in stores.items():
+            if store in wanted_stores and not Path(store, "manifest.json").exists():
+                seconds[section] = run_command(CLI + ["extract", *common, "--section", section, "--out", store,
+                                                      "--overwrite", *device], runs / "logs" / f"{section}.log")
 
     def one_run(arm: str, seed: int, ready=None) -> None:
         if ready is not None:
@@ -174,9 +216,18 @@ def main(argv: list[str] | None = None) -> int:
             for future in [chain, *runs_done]:
                 future.result()
 
-    arm_seeds = finished_seeds(runs, {arm: seeds for arm in arms})
+    if args.report_only and not args.arms:  # every arm that has runs, the codec arms too
+        arms = [*study["arms"], *study.get("codec_arms", [])]
+    reported = {arm: seeds for arm in arms}
+    if args.report_only and not args.seeds:  # every seed that finished, the extra seeds of a spread check too
+        reported = {arm: sorted(set(seeds) | set(seeds_on_disk(runs, arm))) for arm in arms}
+    arm_seeds = finished_seeds(runs, reported)
+    for alias, arm in study.get("aliases", {}).items():  # one arm under two names (the fp16 store is the study's)
+        if arm in arm_seeds and alias not in arm_seeds:
+            arm_seeds[alias] = arm_seeds[arm]
     diagnostic_seeds = finished_seeds(runs, diagnostics)
-    per_arm = {arm: [run_map(runs, arm, seed) for seed in done] for arm, done in arm_seeds.items()}
+    per_arm = {arm: [run_map(runs, study.get("aliases", {}).get(arm, arm), seed) for seed in done]
+               for arm, done in arm_seeds.items()}
     if not per_arm:
         raise SystemExit(f"study: no finished run (no eval.json) under {runs} for the arms asked")
     report = study_report(per_arm, reference="baseline", pairs=[tuple(p) for p in study.get("compare", [])])
@@ -186,14 +237,23 @@ def main(argv: list[str] | None = None) -> int:
         for arm, done in diagnostic_seeds.items()}
     report["seeds"] = seeds
     report["seeds_per_arm"] = arm_seeds
-    report["complete"] = all(arm_seeds.get(arm) == list(seeds) for arm in arms)
+    report["complete"] = all(set(seeds) <= set(arm_seeds.get(arm, [])) for arm in arms)
+    codec_runs = tuple(f"{arm}-seed" for arm in study.get("codec_arms", []))
+    codec_extracts = {section for section in stores.values() if section != "extract"}
+
+    def is_codec_step(step: str) -> bool:
+        """A step of the codec arms (their runs, evals and stores): timed apart from the main study."""
+        return step.startswith(codec_runs) or step in codec_extracts
     if args.report_only:  # nothing ran now: the recorded steps' span, and their times summed (side by side overlap)
         report["step_seconds"] = recorded_step_seconds(runs / "logs")
-        report["wall_seconds"] = recorded_span(runs / "logs")
-        report["step_seconds_sum"] = sum(report["step_seconds"].values())
+        report["wall_seconds"] = recorded_span(runs / "logs", lambda step: not is_codec_step(step))
+        report["step_seconds_sum"] = sum(v for k, v in report["step_seconds"].items() if not is_codec_step(k))
+        if any(arm in arm_seeds for arm in study.get("codec_arms", [])):
+            report["codec_arms_wall_seconds"] = recorded_span(runs / "logs", is_codec_step)
     else:
         report["wall_seconds"] = time.perf_counter() - start
         report["step_seconds"] = seconds
+    report["codec_points"] = codec_points(params, list(arm_seeds))
     report["device"] = args.device
     report["jobs"] = args.jobs
     report["params"] = str(args.params)
@@ -201,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     plot_study(report, args.plot)
+    if report["codec_points"]:
+        plot_bits(report, args.plot.with_name(args.plot.stem + "-bits.png"))
     for arm, row in report["arms"].items():
         print(f"{arm:<24} mAP {row['mean']:.4f} +- {row['std']:.4f}  {[round(v, 4) for v in row['mAP']]}")
     teacher_map = f"{report['teacher']['mAP']:.4f}" if report["teacher"] else "(not evaluated)"

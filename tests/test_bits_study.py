@@ -193,11 +193,15 @@ def test_the_study_runs_on_a_store_and_its_student_and_refuses_a_projected_store
     line = json.loads(result.stdout.strip().splitlines()[-1])
     assert line == json.loads((tmp_path / "bits.json").read_text()) and (tmp_path / "bits.png").stat().st_size > 0
     assert line["pairs"] == [[8, 4], [16, 8], [32, 16], [64, 32]] and line["samples"] == 4
-    assert set(line["points"]) == {"fp16", "int8", "uniform 6-bit", "uniform 4-bit", "uniform 2-bit", "pca 0.1"}
+    assert set(line["points"]) == {"fp16", "int8", "int6", "int4", "int2", "uniform 6-bit", "uniform 4-bit",
+                                   "uniform 2-bit", "pca 0.1", "pca (store codec)"}
     exact = line["points"]["fp16"]  # an fp16 store through fp16: the stored values themselves
     assert min(exact["grad_cosine_lowest"].values()) == pytest.approx(1.0, abs=1e-9)
     assert min(exact["r_lowest"].values()) == pytest.approx(1.0, abs=1e-9)
     assert line["points"]["uniform 2-bit"]["bytes_over_fp32"] < line["points"]["int8"]["bytes_over_fp32"] < 0.5
+    points = line["points"]
+    assert points["int2"]["bytes_over_fp32"] < points["int4"]["bytes_over_fp32"] < points["int6"]["bytes_over_fp32"]
+    assert points["pca (store codec)"]["grad_cosine_all_lowest"] > points["int2"]["grad_cosine_all_lowest"]
 
     projected = extract(ExtractConfig(out=tmp_path / "projected.zarr", layout="projected", student_levels="3,4,5,6",
                                       **settings))

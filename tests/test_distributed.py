@@ -117,6 +117,16 @@ def test_two_ranks_write_the_same_store_as_one(small_data, tmp_path, store_name)
     assert rewritten == {Path(path) for k in (1, 2) for path in store.shard_paths(k)}
 
 
+def test_two_ranks_fit_one_pca_basis_and_write_the_same_store_as_one(small_data, tmp_path):
+    """Rank 0 fits the basis before any shard; rank 1 encodes with the one the store holds."""
+    one, two = tmp_path / "one" / "f.zarr", tmp_path / "two" / "f.zarr"
+    assert launch(1, *EXTRACT, "--codec", "pca", "--data", str(small_data), "--out", str(one)).returncode == 0
+    result = launch(2, *EXTRACT, "--codec", "pca", "--data", str(small_data), "--out", str(two))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (one / "codec_side.npz").read_bytes() == (two / "codec_side.npz").read_bytes()
+    assert digest(one)["digest"] == digest(two)["digest"]
+
+
 def test_two_process_ddp_training_from_a_store(small_data, tmp_path):
     store = tmp_path / "f.zarr"
     assert launch(1, *EXTRACT, "--data", str(small_data), "--out", str(store)).returncode == 0

@@ -154,7 +154,7 @@ def test_nan_features_are_refused_with_the_image_named(synth_data, tmp_path):
         open_store(str(tmp_path / "f.zarr"))
 
 
-@pytest.mark.parametrize("store_name,codec", [("f.zarr", "fp16"), ("wds", "int8")])
+@pytest.mark.parametrize("store_name,codec", [("f.zarr", "fp16"), ("wds", "int8"), ("f.zarr", "int2")])
 def test_verify_passes_on_fresh_stores_and_fails_on_a_damaged_one(synth_data, tmp_path, store_name, codec):
     path = extract(config(synth_data, tmp_path / store_name, codec=codec))
     report = verify(VerifyConfig(store=path, data=synth_data, samples=3))
@@ -170,7 +170,7 @@ def test_verify_passes_on_fresh_stores_and_fails_on_a_damaged_one(synth_data, tm
     assert not damaged["ok"] and "shard" in damaged["text"]
 
 
-@pytest.mark.parametrize("store_name,codec", [("f.zarr", "fp16"), ("wds", "int8")])
+@pytest.mark.parametrize("store_name,codec", [("f.zarr", "fp16"), ("wds", "int8"), ("f.zarr", "int4")])
 def test_verify_recomputation_fails_on_a_shard_of_other_features_with_a_valid_hash(synth_data, tmp_path, store_name,
                                                                                     codec):
     """A shard rewritten with another teacher's features, its sha256, marker and manifest record made consistent:
@@ -187,7 +187,7 @@ def test_verify_recomputation_fails_on_a_shard_of_other_features_with_a_valid_ha
     assert open_store(str(path)).verify_shards() == [], "the hashes are consistent: only recomputation can tell"
     report = verify(VerifyConfig(store=path, data=synth_data, samples=16))
     assert not report["ok"] and report["shard_problems"] == []
-    low = {int(stride) for stride, level in report["levels"].items() if level["min_r"] < report["threshold"]}
+    low = {int(stride) for stride, level in report["levels"].items() if level["min_r"] < level["threshold"]}
     assert low == set(open_store(str(path)).manifest.strides), report["text"]
     assert "r below" in report["text"]
 

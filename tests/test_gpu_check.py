@@ -71,6 +71,11 @@ def test_quick_check_of_a_projected_int8_store_gives_the_online_loss(tmp_path):
         assert manifest.codec == "int8" and manifest.layout["pairs"] == [[8, 4], [16, 8], [32, 16], [64, 32]]
     assert figures["offline_online_loss_rel_diff"] < figures["loss_check"]["tolerance"]
     assert figures["loss_check"]["loss"]["offline_zarr"] > 1.0  # a real loss, not an empty one
+    # extract's second summary line, parsed: where its main loop waited (what isolates a slow extraction).
+    phases = figures["extract"]["phase_seconds"]
+    for name in ("zarr", "wds"):
+        assert set(phases[name]) == {"images", "teacher", "writers", "last_shards"}
+        assert phases[name]["teacher"] > 0 and sum(phases[name].values()) <= figures["extract"]["seconds"][name]
 
 
 @pytest.fixture(scope="module")

@@ -364,11 +364,11 @@ def test_damaged_projected_sums_are_read_errors(tmp_path, fmt):
     assert "error" in outcomes
 
 
-@pytest.mark.parametrize("store_name", ["p.zarr", "pw"])
-def test_training_runs_on_a_projected_store(synth_data, tmp_path, store_name):
+@pytest.mark.parametrize("store_name,codec", [("p.zarr", "int8"), ("pw", "int8"), ("p.zarr", "pca")])
+def test_training_runs_on_a_projected_store(synth_data, tmp_path, store_name, codec):
     from stages.train import TrainConfig, train
 
-    store = extract(projected(synth_data, tmp_path / store_name, codec="int8"))
+    store = extract(projected(synth_data, tmp_path / store_name, codec=codec))
     out = tmp_path / "run"
     train(TrainConfig(student="retinanet", backbone="resnet18", variant="tiny", data=synth_data, out=out,
                       features=store, level_map="index", iters=2, batch_size=4, workers=0, short_side=128,

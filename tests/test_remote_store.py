@@ -128,18 +128,20 @@ def test_missing_store_on_s3_is_a_store_error(s3):
         create_store("s3://no-such-bucket/f.zarr", tiny_manifest())
 
 
-def test_extract_to_s3_then_train_from_it(s3, synth_data, tmp_path):
+@pytest.mark.parametrize("codec", ["fp16", "pca"])  # pca: its basis file travels through the object store too
+def test_extract_to_s3_then_train_from_it(s3, synth_data, tmp_path, codec):
     from stages.extract import ExtractConfig, extract
     from stages.train import TrainConfig, train
 
-    url = f"s3://{BUCKET}/end-to-end/f.zarr"
+    url = f"s3://{BUCKET}/end-to-end-{codec}/f.zarr"
     out = extract(ExtractConfig(teacher="swin", random_init=True, variant="tiny", data=synth_data, out=url, views=2,
                                 short_side=128, max_size=128, batch_size=4, workers=0, samples_per_shard=4,
-                                progress=False))
+                                progress=False, codec=codec))
     assert out == url
     store = open_store(url)
     assert len(store) == 16 and store.manifest.n_shards == 4 and store.verify_shards() == []
     assert s3.isfile(f"{url}/shards/000003.json") and s3.isfile(f"{url}/manifest.json")
+    assert s3.isfile(f"{url}/codec_side.npz") == (codec == "pca")
     run = tmp_path / "run"
     model = train(TrainConfig(student="retinanet", backbone="resnet18", data=synth_data, out=run, iters=1,
                               features=url, variant="tiny", short_side=128, max_size=128, batch_size=4, workers=0,

@@ -54,6 +54,7 @@ def test_report_only_writes_the_finished_runs_and_says_the_study_is_incomplete(t
         _finish(runs, "baseline", seed, value)
     for seed, value in enumerate([0.700, 0.702]):
         _finish(runs, "offline_index", seed, value)
+    _finish(runs, "baseline", 4, 0.62)  # an extra seed, run to pin a spread down: reported too
     (runs / "teacher").mkdir()
     (runs / "teacher" / "eval.json").write_text(json.dumps({"mAP": 0.8}))
     (runs / "logs").mkdir()
@@ -64,7 +65,8 @@ def test_report_only_writes_the_finished_runs_and_says_the_study_is_incomplete(t
     assert main(["--params", str(params_file), "--report-only", "--out", str(out), "--plot", str(plot)]) == 0
     report = json.loads(out.read_text())
     assert report["complete"] is False
-    assert report["seeds_per_arm"] == {"baseline": [0, 1, 2], "offline_index": [0, 1]}
+    assert report["seeds_per_arm"] == {"baseline": [0, 1, 2, 4], "offline_index": [0, 1]}
+    assert report["arms"]["baseline"]["mAP"] == [0.60, 0.61, 0.59, 0.62]
     assert report["arms"]["offline_index"]["mAP"] == [0.700, 0.702] and "online_index" not in report["arms"]
     assert report["teacher"]["mAP"] == 0.8
     # The span from the first recorded start to the last end; lines without "end" are left out of it.
@@ -86,3 +88,50 @@ def test_job_order_runs_undistilled_arms_first_then_the_first_arms_then_seed_maj
     assert ahead == [("baseline", 0), ("baseline", 1), ("offline_index", 0), ("offline_index", 1),
                      ("online_index", 0), ("offline_stride", 0), ("online_index", 1), ("offline_stride", 1),
                      ("teacher_swin", 0)]
+
+
+def test_codec_arms_report_their_bits_alias_the_study_store_and_time_apart(tmp_path):
+    """--report-only over a study with codec arms: every finished arm (main and codec) is reported, the alias names
+    the study store's own arm again, the codec arms' steps are timed apart from the main study, and each codec
+    point's bits per value is measured on its (real) store."""
+    from storage.testing import tiny_manifest, tiny_samples, write_store
+
+    runs = tmp_path / "runs"
+    stores = {}
+    for codec in ("fp16", "int4"):
+        stores[codec] = str(tmp_path / f"{codec}.zarr")
+        manifest = tiny_manifest(codec=codec, channels=32, max_image_hw=(128, 160))
+        write_store(stores[codec], manifest, tiny_samples(manifest))
+    params = {"study": {"seeds": [0, 1], "arms": ["baseline", "offline_index"], "codec_arms": ["offline_index_int4"],
+                        "aliases": {"offline_index_fp16": "offline_index"},
+                        "data": str(tmp_path / "data"), "runs": str(runs),
+                        "stores": {stores["fp16"]: "extract", stores["int4"]: "extract_int4"}},
+              "extract": {"codec": "fp16"}, "extract_int4": {"codec": "int4"},
+              "baseline": {"iters": 10}, "offline_index": {"features": stores["fp16"]},
+              "offline_index_int4": {"features": stores["int4"]}, "eval": {"split": "val"}}
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    for arm, values in {"baseline": [0.60, 0.61], "offline_index": [0.64, 0.63], "offline_index_int4": [0.62, 0.63]}.items():
+        for seed, value in enumerate(values):
+            _finish(runs, arm, seed, value)
+    (runs / "logs").mkdir()
+    (runs / "logs" / "steps.jsonl").write_text("".join(json.dumps(row) + "\n" for row in [
+        {"step": "baseline-seed0", "seconds": 10.0, "end": 1000.0},
+        {"step": "offline_index-seed1-eval", "seconds": 5.0, "end": 1200.0},
+        {"step": "extract_int4", "seconds": 20.0, "end": 5020.0},
+        {"step": "offline_index_int4-seed1", "seconds": 100.0, "end": 5500.0}]))
+    out = tmp_path / "study.json"
+    assert main(["--params", str(params_file), "--report-only", "--out", str(out), "--plot",
+                 str(tmp_path / "study.png")]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["arms"]) == {"baseline", "offline_index", "offline_index_int4", "offline_index_fp16"}
+    assert report["arms"]["offline_index_fp16"] == report["arms"]["offline_index"]
+    assert report["wall_seconds"] == 1200.0 - (1000.0 - 10.0)  # the main study only
+    assert report["codec_arms_wall_seconds"] == 5500.0 - (5020.0 - 20.0)
+    points = report["codec_points"]
+    assert set(points) == {"offline_index_int4", "offline_index_fp16"}
+    assert points["offline_index_fp16"]["codec"] == "fp16" and points["offline_index_int4"]["codec"] == "int4"
+    fp16, int4 = (points[f"offline_index_{codec}"]["bits_per_value"] for codec in ("fp16", "int4"))
+    assert 12 < fp16 < 24  # 16 bits a value; a 4-sample store's shard overheads and padding count too
+    assert int4 < fp16 / 2, (fp16, int4)
+    assert (tmp_path / "study-bits.png").stat().st_size > 0
