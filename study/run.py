@@ -244,12 +244,22 @@ def main(argv: list[str] | None = None) -> int:
     def is_codec_step(step: str) -> bool:
         """A step of the codec arms (their runs, evals and stores): timed apart from the main study."""
         return step.startswith(codec_runs) or step in codec_extracts
+
+    def is_extra_seed_step(step: str) -> bool:
+        """A run or eval of a seed beyond the study's seeds (a spread check): timed apart too."""
+        seed = step.partition("-seed")[2].removesuffix("-eval")
+        return seed.isdigit() and int(seed) not in seeds
+
+    def is_main_step(step: str) -> bool:
+        return not is_codec_step(step) and not is_extra_seed_step(step)
     if args.report_only:  # nothing ran now: the recorded steps' span, and their times summed (side by side overlap)
         report["step_seconds"] = recorded_step_seconds(runs / "logs")
-        report["wall_seconds"] = recorded_span(runs / "logs", lambda step: not is_codec_step(step))
-        report["step_seconds_sum"] = sum(v for k, v in report["step_seconds"].items() if not is_codec_step(k))
+        report["wall_seconds"] = recorded_span(runs / "logs", is_main_step)
+        report["step_seconds_sum"] = sum(v for k, v in report["step_seconds"].items() if is_main_step(k))
         if any(arm in arm_seeds for arm in study.get("codec_arms", [])):
             report["codec_arms_wall_seconds"] = recorded_span(runs / "logs", is_codec_step)
+        if any(is_extra_seed_step(step) for step in report["step_seconds"]):
+            report["extra_seeds_wall_seconds"] = recorded_span(runs / "logs", is_extra_seed_step)
     else:
         report["wall_seconds"] = time.perf_counter() - start
         report["step_seconds"] = seconds

@@ -119,6 +119,7 @@ def test_codec_arms_report_their_bits_alias_the_study_store_and_time_apart(tmp_p
         {"step": "baseline-seed0", "seconds": 10.0, "end": 1000.0},
         {"step": "offline_index-seed1-eval", "seconds": 5.0, "end": 1200.0},
         {"step": "extract_int4", "seconds": 20.0, "end": 5020.0},
+        {"step": "baseline-seed7-eval", "seconds": 3.0, "end": 9000.0},  # an extra seed: timed apart
         {"step": "offline_index_int4-seed1", "seconds": 100.0, "end": 5500.0}]))
     out = tmp_path / "study.json"
     assert main(["--params", str(params_file), "--report-only", "--out", str(out), "--plot",
@@ -128,6 +129,7 @@ def test_codec_arms_report_their_bits_alias_the_study_store_and_time_apart(tmp_p
     assert report["arms"]["offline_index_fp16"] == report["arms"]["offline_index"]
     assert report["wall_seconds"] == 1200.0 - (1000.0 - 10.0)  # the main study only
     assert report["codec_arms_wall_seconds"] == 5500.0 - (5020.0 - 20.0)
+    assert report["extra_seeds_wall_seconds"] == 3.0
     points = report["codec_points"]
     assert set(points) == {"offline_index_int4", "offline_index_fp16"}
     assert points["offline_index_fp16"]["codec"] == "fp16" and points["offline_index_int4"]["codec"] == "int4"
