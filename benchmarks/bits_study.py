@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 from pkd_offline.engine import Distillation, distillation_loss  # noqa: E402
 from pkd_offline.errors import PkdError  # noqa: E402
 from storage import CODECS, StoreError  # noqa: E402
+from storage.codecs import zigzag  # noqa: E402
 
 ZSTD = Zstd(level=3)  # the stores' level (storage/zarr_store.py, storage/wds_store.py)
 GRAD_COSINE_TARGET = 0.999
@@ -77,12 +78,6 @@ def unsigned_code_bytes(codes: np.ndarray) -> int:
     byte_planes = [((codes >> (8 * k)) & 0xFF).astype(np.uint8) for k in range(math.ceil(bits / 8))]
     bit_planes = (codes[None, :] >> np.arange(bits - 1, -1, -1)[:, None]) & 1
     return min(zstd_bytes(np.concatenate(byte_planes)), zstd_bytes(np.packbits(bit_planes.astype(np.uint8).ravel())))
-
-
-def zigzag(codes: np.ndarray) -> np.ndarray:
-    """Signed integer codes to non-negative ones, small magnitudes to small codes (0, -1, 1, -2 -> 0, 1, 2, 3)."""
-    codes = np.asarray(codes, np.int64)
-    return np.where(codes >= 0, 2 * codes, -2 * codes - 1)
 
 
 def store_codec(name: str) -> Coder:

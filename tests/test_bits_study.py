@@ -9,8 +9,9 @@ import torch
 
 from benchmarks.bits_study import (channel_pearson, cosine, default_point, fit_pca_basis, level_steps, measure,
                                    parse_pca_points, pca_codec, pkd_gradients, store_codec, uniform_bits,
-                                   unsigned_code_bytes, zigzag)
+                                   unsigned_code_bytes)
 from pkd_offline.engine import Distillation
+from storage.codecs import zigzag
 
 CHANNELS = 6
 PAIRS = [(8, 4), (16, 8)]  # index pairing: student P3, P4 against teacher P2, P3
