@@ -127,7 +127,7 @@ def cli(args: list[str], *, torchrun: bool = False) -> tuple[float, str, str]:
 
 
 EXTRACT_RATE = re.compile(r"extract: (\d+) samples in ([0-9.]+) s from the first batch")
-EXTRACT_PHASE = re.compile(r"(images|teacher|writers|last_shards) ([0-9.]+) s")
+EXTRACT_PHASE = re.compile(r"(\w+) ([0-9.]+) s")  # "name seconds s" pairs of the "extract phases:" line
 
 
 def extract_args(args, sizes: Sizes, data: Path, out: Path, *extra: str) -> list[str]:

@@ -116,13 +116,15 @@ def step_runs(args, data: Path, stores: dict[str, Path]
 
 def bench_paper_extraction(args, data: Path, double: Path, work: Path) -> dict:
     """Marginal images/s of the whole ``extract`` (2x the images minus 1x, so start-up cancels) vs the
-    teacher's backbone+FPN forward alone on the same preloaded, resized inputs, batch ``BATCH``."""
+    teacher's backbone+FPN forward alone on the same preloaded, resized inputs, batch ``BATCH`` of one size."""
     device = torch.device(args.device)
     dataset = CocoDetection(data, "train", store_views(work / "paper.zarr"))
     teacher, _ = load_teacher(TEACHER, checkpoint=None, random_init=True, variant="full",
                               num_classes=dataset.num_classes)
     teacher.to(device)
-    images = [dataset[(i, 0)]["image"] for i in range(len(dataset))]
+    # Same-size images batched together, as extraction batches them (a mixed batch would pad, and the forward
+    # alone would then do more work than extraction does).
+    images = sorted((dataset[(i, 0)]["image"] for i in range(len(dataset))), key=lambda image: tuple(image.shape))
     forward, whole = [], []
     for _ in range(args.paper_extract_rounds):
         tick = time.perf_counter()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import random
 import sys
 import threading
 import time
@@ -35,8 +34,10 @@ from pkd_offline.stored_maps import encode_on_device
 from pkd_offline.views import View, make_views, view_padded_size
 from stages.teachers import load_teacher
 from storage import LevelSpec, Manifest, Sample, create_store, detect_format
+from storage.manifest import shard_span
 from storage.codecs import needs_basis
-from storage.pca_basis import DEFAULT_STEP, SIDE_NAME, fit_level_basis, level_steps, read_side, side_bytes, side_sha256
+from storage.pca_basis import (DEFAULT_STEP, SIDE_NAME, basis_from_moments, level_steps, read_side, side_bytes,
+                               side_sha256)
 from storage.store import existing_side
 
 
@@ -178,14 +179,15 @@ def store_layout(cfg: ExtractConfig, strides: list[int]) -> dict:
             "size_divisor": cfg.size_divisor}
 
 
-def shard_batches(manifest: Manifest, shards: list[int], dataset: CocoDetection, views: list[View],
+def shard_batches(shards: list[range], dataset: CocoDetection, views: list[View],
                   batch_size: int) -> list[list[tuple[int, int]]]:
-    """Batches of (image_index, view_index) keys: shard by shard, each batch one padded size."""
+    """Batches of (image_index, view_index) keys: shard by shard (each a range of sample indices, sample =
+    image_index * len(views) + view_index), each batch one padded size."""
     batches = []
-    for k in shards:
+    for shard in shards:
         groups: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
-        for index in manifest.shard_range(k):
-            image_index, view_index = divmod(index, manifest.n_views)
+        for index in shard:
+            image_index, view_index = divmod(index, len(views))
             hw = view_padded_size(*dataset.original_hw(dataset.image_ids[image_index]), views[view_index])
             groups[hw].append((image_index, view_index))
         for keys in groups.values():
@@ -253,27 +255,42 @@ class ShardWriterThread(threading.Thread):
             raise self.error
 
 
-# Where extraction's main loop spends its time (the second summary line on stderr): waiting for the loader's
-# images (after the first batch), the teacher forward plus device-side checks, encoding and the copy to the
-# host, waiting for a free shard writer (the queue is full), and writing the last shards after the last batch.
-EXTRACT_PHASES = ("images", "teacher", "writers", "last_shards")
-FIT_SAMPLES = 32  # (image, view) samples a pca basis is fitted on, drawn with a fixed seed
+# Where extraction's main loop spends its time (the second summary line on stderr): fitting a pca basis on the
+# first batches (their teacher forwards included; those batches are then encoded, not run again), waiting for the
+# loader's images (after the first batch), the teacher forward plus device-side checks, encoding and the copy to
+# the host, waiting for a free shard writer (the queue is full), and writing the last shards after the last batch.
+EXTRACT_PHASES = ("fit", "images", "teacher", "writers", "last_shards")
+FIT_SAMPLES = 32  # samples (image x view) a pca basis is fitted on: the store's first, in shard order
 
 
-def fit_side(teacher, dataset: CocoDetection, n_views: int, strides: list[int], device: torch.device,
-             projected: frozenset[int], step: float) -> bytes:
-    """The pca codec's side file: per stride, a basis fitted on the stored maps (projections for the projected
-    strides) of ``FIT_SAMPLES`` samples drawn with a fixed seed, so a re-run fits the same one."""
-    total = len(dataset) * n_views
-    picks = sorted(random.Random(0).sample(range(total), min(FIT_SAMPLES, total)))
-    items = ExtractionItems(dataset, with_images=False)
-    maps: dict[int, list[np.ndarray]] = defaultdict(list)
-    for index in picks:
-        sample, = run_teacher(teacher, [items[divmod(index, n_views)]], strides, device, n_views, "fp32", projected)
+def first_batches(batches: list[list[tuple[int, int]]], samples: int) -> list[list[tuple[int, int]]]:
+    """The shortest prefix of ``batches`` holding at least ``samples`` samples (all of them if fewer)."""
+    count = 0
+    for i, keys in enumerate(batches):
+        count += len(keys)
+        if count >= samples:
+            return batches[:i + 1]
+    return batches
+
+
+def fit_side(teacher, loader: DataLoader, strides: list[int], device: torch.device, projected: frozenset[int],
+             step: float) -> tuple[bytes, list[tuple[list[dict], dict[int, Tensor], list[dict]]]]:
+    """The pca codec's side file, per stride a basis fitted on the stored maps (projections for the projected
+    strides) of ``loader``'s batches (the store's first ``FIT_SAMPLES`` samples in shard order, whatever the
+    number of ranks, so a re-run fits the same basis), and those batches with their maps as ``teacher_levels``
+    gave them: rank 0 encodes the ones in its own shards (all of them when shard 0 holds them, as with one rank
+    or at least ``FIT_SAMPLES`` samples per shard) and never runs those twice."""
+    fitted, moments = [], {}  # stride -> [positions, (C,) sums, (C, C) sums of products], float64 on the device
+    for batch in loader:
+        levels, statistics = teacher_levels(teacher, batch, strides, device, projected)
+        fitted.append((batch, levels, statistics))
         for stride in strides:
-            maps[stride].append(sample.features[stride].parts["values"])
+            flat = levels[stride].double().transpose(0, 1).flatten(1)  # (C, N * h * w)
+            count, total, gram = moments.get(stride, (0, 0.0, 0.0))
+            moments[stride] = (count + flat.shape[1], total + flat.sum(dim=1), gram + flat @ flat.T)
     steps = level_steps(step, strides)
-    return side_bytes({stride: fit_level_basis(maps[stride], steps[stride]) for stride in strides})
+    return side_bytes({stride: basis_from_moments(count, total.cpu().numpy(), gram.cpu().numpy(), steps[stride])
+                       for stride, (count, total, gram) in moments.items()}), fitted
 
 
 def extract(cfg: ExtractConfig) -> Path | str:
@@ -318,14 +335,32 @@ def extract(cfg: ExtractConfig) -> Path | str:
     def side_record(side: bytes | None) -> dict | None:
         return None if side is None else {"file": SIDE_NAME, "sha256": side_sha256(side), "step": float(cfg.pca_step)}
 
-    side = None
+    n_samples = len(dataset.image_ids) * len(views)
+    n_shards = -(-n_samples // cfg.samples_per_shard)
+
+    def plan(shards) -> list[list[tuple[int, int]]]:
+        return shard_batches([shard_span(k, cfg.samples_per_shard, n_samples) for k in shards], dataset, views,
+                             cfg.batch_size)
+
+    def loader_of(batches: list[list[tuple[int, int]]]) -> DataLoader:
+        return DataLoader(ExtractionItems(dataset, cfg.with_images), batch_sampler=batches, collate_fn=collate,
+                          num_workers=cfg.workers)
+
+    side, fit_plan, fitted = None, [], []
+    phases = dict.fromkeys(EXTRACT_PHASES, 0.0)  # seconds of this process's main loop, by what it waited on
+    started = None
     if needs_basis(cfg.codec) and not cfg.pca_step > 0:
         raise PkdError(f"--pca-step must be > 0, got {cfg.pca_step}")
     if ranks.is_main:
         if needs_basis(cfg.codec):  # fitted once, by rank 0, before the first shard; a resumed store keeps its own
             side = None if cfg.overwrite else existing_side(cfg.out)
-            side = side or fit_side(teacher, dataset, len(views), strides, device, frozenset(projected),
-                                    cfg.pca_step)
+            if side is None:  # a new store: fitted on its first batches, which rank 0 then encodes, not re-runs
+                started = time.perf_counter()
+                fit_shards = range(min(n_shards, -(-FIT_SAMPLES // cfg.samples_per_shard)))
+                fit_plan = first_batches(plan(fit_shards), FIT_SAMPLES)
+                side, fitted = fit_side(teacher, loader_of(fit_plan), strides, device, frozenset(projected),
+                                        cfg.pca_step)
+                phases["fit"] = time.perf_counter() - started
         writer = create_store(str(cfg.out), make_manifest(side_record(side)), overwrite=bool(cfg.overwrite),
                               side=side)
     barrier(ranks)
@@ -340,17 +375,28 @@ def extract(cfg: ExtractConfig) -> Path | str:
                                              str(cfg.out))
     done = writer.completed_shards()
     todo = [k for k in range(ranks.rank, manifest.n_shards, ranks.world_size) if k not in done]
-    batches = shard_batches(manifest, todo, dataset, views, cfg.batch_size)
-    loader = DataLoader(ExtractionItems(dataset, cfg.with_images), batch_sampler=batches,
-                        collate_fn=collate, num_workers=cfg.workers)
+    batches = plan(todo)
+    reused = 0  # the fit's batches that open this rank's work (those of other ranks' shards are theirs to run)
+    while reused < min(len(fit_plan), len(batches)) and batches[reused] == fit_plan[reused]:
+        reused += 1
+    del fitted[reused:]
+    loader = loader_of(batches[reused:])
     todo_samples = sum(len(manifest.shard_range(k)) for k in todo)
     writer_thread = ShardWriterThread(writer, manifest, writers=default_writer_threads())
     writer_thread.start()
     bar = tqdm(total=todo_samples, desc=f"extract {cfg.teacher}", unit="img",
                disable=not cfg.progress or not ranks.is_main)
-    started = None
-    phases = dict.fromkeys(EXTRACT_PHASES, 0.0)  # seconds of this process's main loop, by what it waited on
     try:
+        while fitted:  # the batches the basis was fitted on: encoded from the maps the fit kept
+            tick = time.perf_counter()
+            batch, levels, statistics = fitted.pop(0)
+            samples = encode_levels(batch, levels, statistics, strides, manifest.n_views, cfg.codec, bases)
+            phases["teacher"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            for sample in samples:
+                writer_thread.put(sample)
+            phases["writers"] += time.perf_counter() - tick
+            bar.update(len(batch))
         batches_in = iter(loader)
         while True:
             tick = time.perf_counter()
@@ -398,14 +444,21 @@ def teacher_autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type in AUTOCAST_DEVICE_TYPES)
 
 
-@torch.inference_mode()
 def run_teacher(teacher, batch: list[dict], strides: list[int], device: torch.device, n_views: int, codec: str,
                 projected: frozenset[int] = frozenset(), bases: dict | None = None) -> list[Sample]:
     """Teacher FPN maps of one same-size batch as Samples whose levels are encoded with ``codec`` on the
-    teacher's device (``encode_on_device``: only the stored values cross to the host), each (C, h/stride,
-    w/stride); a stride in ``projected`` becomes its projection for a student of twice the stride
-    (``project_image``) and is encoded the same way (a codec that needs side information with ``bases``
-    {stride: LevelBasis}). PkdError naming the image if any value is NaN or Inf."""
+    teacher's device (``teacher_levels`` then ``encode_levels``)."""
+    return encode_levels(batch, *teacher_levels(teacher, batch, strides, device, projected), strides, n_views,
+                         codec, bases)
+
+
+@torch.inference_mode()
+def teacher_levels(teacher, batch: list[dict], strides: list[int], device: torch.device,
+                   projected: frozenset[int] = frozenset()) -> tuple[dict[int, Tensor], list[dict]]:
+    """The teacher's FPN maps of one same-size batch, on its device: {stride: (N, C, h/stride, w/stride) float},
+    a stride in ``projected`` replaced by its projection for a student of twice the stride (``project_image``),
+    and per image {stride: {"sum", "sum_sq"}} of the projected strides. PkdError naming the image if any value
+    is NaN or Inf."""
     images = [item["image"].to(device, non_blocking=True) for item in batch]
     with teacher_autocast(device):
         features, _ = teacher.features(images)
@@ -430,6 +483,15 @@ def run_teacher(teacher, batch: list[dict], strides: list[int], device: torch.de
             if not finite[j, i] or not all(np.isfinite(v).all() for v in statistics[i].get(s, {}).values()):
                 raise PkdError(f"teacher features of image {item['image_id']} (view {item['view_index']}, stride "
                                f"{s}) hold NaN or Inf: nothing was written for it; check the checkpoint and the image")
+    return levels, statistics
+
+
+@torch.inference_mode()
+def encode_levels(batch: list[dict], levels: dict[int, Tensor], statistics: list[dict], strides: list[int],
+                  n_views: int, codec: str, bases: dict | None = None) -> list[Sample]:
+    """``teacher_levels``' maps of ``batch`` as Samples whose levels are encoded with ``codec`` where the maps lie
+    (``encode_on_device``: only the stored values cross to the host; a codec that needs side information with
+    ``bases`` {stride: LevelBasis})."""
     try:
         encoded = {s: encode_on_device(codec, levels[s], (bases or {}).get(s)) for s in strides}
     except ValueError as error:

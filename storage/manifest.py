@@ -27,6 +27,12 @@ _PROJECTED_KEYS = ("name", "pairing", "pairs", "projected", "resize", "size_divi
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
+def shard_span(k: int, samples_per_shard: int, n_samples: int) -> range:
+    """Sample indices held by shard ``k`` of a store of ``n_samples`` samples, ``samples_per_shard`` per shard."""
+    start = k * samples_per_shard
+    return range(start, min(start + samples_per_shard, n_samples))
+
+
 @dataclass
 class LevelSpec:
     """One pyramid level: stride in pixels, channel count, and the largest map (H, W) over all samples."""
@@ -122,8 +128,7 @@ class Manifest:
         """Sample indices held by shard ``k``."""
         if not 0 <= k < self.n_shards:
             raise StoreError(f"shard {k} does not exist: the store has shards 0..{self.n_shards - 1}")
-        start = k * self.samples_per_shard
-        return range(start, min(start + self.samples_per_shard, self.n_samples))
+        return shard_span(k, self.samples_per_shard, self.n_samples)
 
     def to_json(self) -> str:
         try:

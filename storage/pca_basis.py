@@ -42,15 +42,27 @@ class LevelBasis:
 
 
 def fit_level_basis(maps: list[np.ndarray], step: float) -> LevelBasis:
-    """Fit a :class:`LevelBasis` on maps (C, h_i, w_i) of one level, every position of every map weighted once;
-    deterministic (float64, each component's sign fixed so its largest entry is positive)."""
-    flat = np.concatenate([np.asarray(m, np.float64).reshape(m.shape[0], -1) for m in maps], axis=1)
-    if flat.shape[1] < 2:
+    """Fit a :class:`LevelBasis` on maps (C, h_i, w_i) of one level, every position of every map weighted once
+    (``basis_from_moments`` of their float64 moments)."""
+    count, total, gram = 0, 0.0, 0.0
+    for m in maps:
+        flat = np.asarray(m, np.float64).reshape(m.shape[0], -1)
+        count, total, gram = count + flat.shape[1], total + flat.sum(axis=1), gram + flat @ flat.T
+    return basis_from_moments(count, np.asarray(total), np.asarray(gram), step)
+
+
+def basis_from_moments(count: int, total: np.ndarray, gram: np.ndarray, step: float) -> LevelBasis:
+    """A :class:`LevelBasis` from a level's moments over ``count`` map positions: ``total`` (C,) the channels'
+    sums, ``gram`` (C, C) the sums of their products (float64; extraction accumulates them on the teacher's device,
+    batch by batch, without keeping the maps). Deterministic: each component's sign is fixed so its largest entry
+    is positive. StoreError with fewer than two positions."""
+    if count < 2:
         raise StoreError("the pca codec needs at least two map positions to fit its basis: extract more images")
-    mean, scale = flat.mean(axis=1), flat.std(axis=1)
+    mean = total / count
+    covariance = gram / count - np.outer(mean, mean)
+    scale = np.sqrt(np.clip(np.diag(covariance), 0.0, None))
     scale = np.where(scale > 0, scale, 1.0)
-    standard = (flat - mean[:, None]) / scale[:, None]
-    variances, components = np.linalg.eigh(standard @ standard.T / standard.shape[1])
+    variances, components = np.linalg.eigh(covariance / np.outer(scale, scale))
     components = components[:, np.argsort(variances)[::-1]]
     signs = np.sign(components[np.abs(components).argmax(axis=0), np.arange(components.shape[1])])
     components = components * np.where(signs == 0, 1.0, signs)

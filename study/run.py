@@ -9,6 +9,9 @@
     python -m study.run --report-only                    # a stopped study: report the runs that finished
     python -m study.run --codec-arms                     # also the bits study's arms (offline_index_CODEC): one
                                                          # store per codec (study.stores), 3 seeds each
+    python -m study.run --iters 750 --out metrics/study-750it.json --plot plots/study-750it.png
+                                                         # every student arm at another schedule length: its runs
+                                                         # in RUNS-750it, the teacher and store the study's own
 
 Steps, each skipped when its output already exists (so a stopped study resumes; ``--fresh`` redoes all):
 synthetic data -> teacher (trained once) -> teacher eval -> feature store (extracted once) -> every
@@ -147,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="run every seed of these arms before the other arms' runs (default: seed-major order)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: report the runs that have an eval.json (a study stopped early)")
+    parser.add_argument("--iters", type=int,
+                        help="every student arm's schedule length instead of the params' (the teacher and its store "
+                             "stay): runs go to RUNS-<N>it beside the study's runs")
     parser.add_argument("--codec-arms", action="store_true",
                         help="also run (or report) study.codec_arms: offline PKD from a store per codec")
     args = parser.parse_args(argv)
@@ -159,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"no train section for arm(s) {', '.join(unknown)} in {args.params}")
     data, runs = Path(study["data"]), Path(study["runs"])
+    teacher_runs = runs  # the teacher (and the store made from it) is the study's whatever the students' schedule
+    if args.iters is not None:
+        if args.iters < 1:
+            parser.error(f"--iters must be >= 1, got {args.iters}")
+        runs = runs.with_name(f"{runs.name}-{args.iters}it")
     stores = study.get("stores") or {study["store"]: "extract"}  # store path -> its extract section
     if args.fresh:
         for path in (data, runs, *map(Path, stores)):
@@ -171,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only and not (data / "annotations" / f"instances_{params['eval']['split']}.json").exists():
         seconds["data"] = run_command(CLI + ["data", "synth", "--params", str(args.params), "--out", str(data)],
                                       runs / "logs" / "data.log")
-    teacher = runs / "teacher" / "model.pt"
-    teacher_eval = runs / "teacher" / "eval.json"
+    teacher = teacher_runs / "teacher" / "model.pt"
+    teacher_eval = teacher_runs / "teacher" / "eval.json"
     wanted_stores = {params[arm]["features"] for arm in [*arms, *diagnostics] if params[arm].get("features")}
     missing = sorted(wanted_stores - set(stores))
     if missing and not args.report_only:
@@ -182,15 +193,15 @@ def main(argv: list[str] | None = None) -> int:
         """Train and evaluate the teacher once, then extract its features once."""
         if not teacher.exists():
             seconds["teacher"] = run_command(CLI + ["train", *common, "--section", "teacher", "--out", str(teacher.parent),
-                                                    *device], runs / "logs" / "teacher.log")
+                                                    *device], teacher_runs / "logs" / "teacher.log")
         if not teacher_eval.exists():
             seconds["teacher_eval"] = run_command(CLI + ["eval", *common, "--section", "eval", "--checkpoint", str(teacher),
                                                          "--out", str(teacher_eval), *device],
-                                                  runs / "logs" / "teacher_eval.log")
+                                                  teacher_runs / "logs" / "teacher_eval.log")
         for store, section in stores.items():
             if store in wanted_stores and not Path(store, "manifest.json").exists():
                 seconds[section] = run_command(CLI + ["extract", *common, "--section", section, "--out", store,
-                                                      "--overwrite", *device], runs / "logs" / f"{section}.log")
+                                                      "--overwrite", *device], teacher_runs / "logs" / f"{section}.log")
 
     def one_run(arm: str, seed: int, ready=None) -> None:
         if ready is not None:
@@ -198,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         out = runs / f"{arm}-seed{seed}"
         if not (out / "model.pt").exists():
             seconds[f"{arm}-seed{seed}"] = run_command(
-                CLI + ["train", *common, "--section", arm, "--seed", str(seed), "--out", str(out), *device],
+                CLI + ["train", *common, "--section", arm, "--seed", str(seed), "--out", str(out), *device, *iters],
                 runs / "logs" / f"{arm}-seed{seed}.log")
         if not (out / "eval.json").exists():
             seconds[f"{arm}-seed{seed}-eval"] = run_command(
@@ -207,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The teacher chain is submitted first, then the runs in job_order. With --jobs 1 nothing waits on a future
     # that has no worker.
+    iters = [] if args.iters is None else ["--iters", str(args.iters)]
     distilled = [arm for arm in [*arms, *diagnostics] if params[arm].get("features") or params[arm].get("teacher")]
     if not args.report_only:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -250,8 +262,14 @@ def main(argv: list[str] | None = None) -> int:
         seed = step.partition("-seed")[2].removesuffix("-eval")
         return seed.isdigit() and int(seed) not in seeds
 
+    diagnostic_runs = tuple(f"{arm}-seed" for arm in study.get("diagnostics", {}))
+
+    def is_diagnostic_step(step: str) -> bool:
+        """A run or eval of a side run (study.diagnostics): timed apart too."""
+        return step.startswith(diagnostic_runs)
+
     def is_main_step(step: str) -> bool:
-        return not is_codec_step(step) and not is_extra_seed_step(step)
+        return not is_codec_step(step) and not is_extra_seed_step(step) and not is_diagnostic_step(step)
     if args.report_only:  # nothing ran now: the recorded steps' span, and their times summed (side by side overlap)
         report["step_seconds"] = recorded_step_seconds(runs / "logs")
         report["wall_seconds"] = recorded_span(runs / "logs", is_main_step)
@@ -260,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             report["codec_arms_wall_seconds"] = recorded_span(runs / "logs", is_codec_step)
         if any(is_extra_seed_step(step) for step in report["step_seconds"]):
             report["extra_seeds_wall_seconds"] = recorded_span(runs / "logs", is_extra_seed_step)
+        if any(is_diagnostic_step(step) for step in report["step_seconds"]):
+            report["diagnostics_wall_seconds"] = recorded_span(runs / "logs", is_diagnostic_step)
     else:
         report["wall_seconds"] = time.perf_counter() - start
         report["step_seconds"] = seconds
@@ -268,10 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     report["jobs"] = args.jobs
     report["params"] = str(args.params)
     report["settings"] = {name: params.get(name) for name in ("synth", "teacher", "extract", *arms, *diagnostics)}
+    if args.iters is not None:
+        report["iters"] = args.iters
+        report["settings"].update({arm: {**params[arm], "iters": args.iters} for arm in [*arms, *diagnostics]})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     plot_study(report, args.plot)
-    if report["codec_points"]:
+    if any(arm in arm_seeds for arm in study.get("codec_arms", [])):  # not for the alias alone
         plot_bits(report, args.plot.with_name(args.plot.stem + "-bits.png"))
     for arm, row in report["arms"].items():
         print(f"{arm:<24} mAP {row['mean']:.4f} +- {row['std']:.4f}  {[round(v, 4) for v in row['mAP']]}")

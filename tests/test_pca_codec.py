@@ -177,6 +177,30 @@ def test_extracted_store_holds_the_basis_and_decodes_within_the_bound_of_the_fp3
     assert isinstance(encoded, EncodedLevel) and encoded.basis is bases[4]
 
 
+def test_the_basis_is_fitted_on_extractions_own_first_batches_and_no_image_meets_the_teacher_twice(
+        synth_data, pca_store, tmp_path, monkeypatch):
+    import stages.extract as extract_module
+
+    seen = []
+    real = extract_module.teacher_levels
+
+    def counting(teacher, batch, *args, **kwargs):
+        seen.extend((item["image_index"], item["view_index"]) for item in batch)
+        return real(teacher, batch, *args, **kwargs)
+    monkeypatch.setattr(extract_module, "teacher_levels", counting)
+    out = extract(config(synth_data, tmp_path / "again.zarr"))
+    store = open_store(str(out))
+    assert sorted(seen) == sorted(set(seen)) and len(seen) == store.manifest.n_samples  # one forward per sample
+    assert describe(store, digest=True)["digest"] == describe(open_store(str(pca_store)), digest=True)["digest"]
+    # The basis is the moments' fit of the first FIT_SAMPLES samples' stored maps, in shard order.
+    exact = open_store(str(extract(config(synth_data, tmp_path / "fp32.zarr", codec="fp32"))))
+    first = range(min(extract_module.FIT_SAMPLES, exact.manifest.n_samples))
+    for stride, basis in store.level_codecs.bases.items():
+        refit = fit_level_basis([exact.read(i).features[stride] for i in first], basis.step)
+        np.testing.assert_allclose(basis.components, refit.components, atol=1e-4)
+        np.testing.assert_allclose(basis.mean, refit.mean, rtol=1e-5, atol=1e-6)
+
+
 def test_a_resumed_extraction_keeps_its_basis_and_never_refits(synth_data, pca_store, tmp_path, monkeypatch):
     expected = describe(open_store(str(pca_store)))["digest"]
     killed = killed_copy(pca_store, tmp_path / "killed.zarr", unfinished_shards=(1, 3))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -92,8 +93,8 @@ def test_job_order_runs_undistilled_arms_first_then_the_first_arms_then_seed_maj
 
 def test_codec_arms_report_their_bits_alias_the_study_store_and_time_apart(tmp_path):
     """--report-only over a study with codec arms: every finished arm (main and codec) is reported, the alias names
-    the study store's own arm again, the codec arms' steps are timed apart from the main study, and each codec
-    point's bits per value is measured on its (real) store."""
+    the study store's own arm again, the codec arms' (and a side run's) steps are timed apart from the main study,
+    and each codec point's bits per value is measured on its (real) store."""
     from storage.testing import tiny_manifest, tiny_samples, write_store
 
     runs = tmp_path / "runs"
@@ -103,7 +104,7 @@ def test_codec_arms_report_their_bits_alias_the_study_store_and_time_apart(tmp_p
         manifest = tiny_manifest(codec=codec, channels=32, max_image_hw=(128, 160))
         write_store(stores[codec], manifest, tiny_samples(manifest))
     params = {"study": {"seeds": [0, 1], "arms": ["baseline", "offline_index"], "codec_arms": ["offline_index_int4"],
-                        "aliases": {"offline_index_fp16": "offline_index"},
+                        "aliases": {"offline_index_fp16": "offline_index"}, "diagnostics": {"baseline_long": [0]},
                         "data": str(tmp_path / "data"), "runs": str(runs),
                         "stores": {stores["fp16"]: "extract", stores["int4"]: "extract_int4"}},
               "extract": {"codec": "fp16"}, "extract_int4": {"codec": "int4"},
@@ -120,6 +121,7 @@ def test_codec_arms_report_their_bits_alias_the_study_store_and_time_apart(tmp_p
         {"step": "offline_index-seed1-eval", "seconds": 5.0, "end": 1200.0},
         {"step": "extract_int4", "seconds": 20.0, "end": 5020.0},
         {"step": "baseline-seed7-eval", "seconds": 3.0, "end": 9000.0},  # an extra seed: timed apart
+        {"step": "baseline_long-seed0", "seconds": 50.0, "end": 9500.0},  # a side run: timed apart
         {"step": "offline_index_int4-seed1", "seconds": 100.0, "end": 5500.0}]))
     out = tmp_path / "study.json"
     assert main(["--params", str(params_file), "--report-only", "--out", str(out), "--plot",
@@ -130,6 +132,7 @@ def test_codec_arms_report_their_bits_alias_the_study_store_and_time_apart(tmp_p
     assert report["wall_seconds"] == 1200.0 - (1000.0 - 10.0)  # the main study only
     assert report["codec_arms_wall_seconds"] == 5500.0 - (5020.0 - 20.0)
     assert report["extra_seeds_wall_seconds"] == 3.0
+    assert report["diagnostics_wall_seconds"] == 50.0
     points = report["codec_points"]
     assert set(points) == {"offline_index_int4", "offline_index_fp16"}
     assert points["offline_index_fp16"]["codec"] == "fp16" and points["offline_index_int4"]["codec"] == "int4"
@@ -137,3 +140,50 @@ def test_codec_arms_report_their_bits_alias_the_study_store_and_time_apart(tmp_p
     assert 12 < fp16 < 24  # 16 bits a value; a 4-sample store's shard overheads and padding count too
     assert int4 < fp16 / 2, (fp16, int4)
     assert (tmp_path / "study-bits.png").stat().st_size > 0
+
+
+def test_iters_runs_every_student_at_that_length_beside_the_study_and_keeps_its_teacher(tmp_path, monkeypatch):
+    """--iters N: each student's train command gets --iters N and lands in RUNS-Nit; the teacher (trained, evaluated)
+    and the store are the study's own, not made again; the report says the schedule. The commands are recorded, not
+    run (each writes the files its real command would: what the driver checks)."""
+    import study.run as study_run
+
+    runs = tmp_path / "runs"
+    store = tmp_path / "store.zarr"
+    params = {"study": {"seeds": [0], "arms": ["baseline", "offline_index"], "data": str(tmp_path / "data"),
+                        "runs": str(runs), "store": str(store)},
+              "baseline": {"iters": 1000}, "offline_index": {"iters": 1000, "features": str(store)},
+              "eval": {"split": "val"}}
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    (tmp_path / "data" / "annotations").mkdir(parents=True)
+    (tmp_path / "data" / "annotations" / "instances_val.json").write_text("{}")
+    (runs / "teacher").mkdir(parents=True)
+    (runs / "teacher" / "model.pt").write_bytes(b"")
+    (runs / "teacher" / "eval.json").write_text(json.dumps({"mAP": 0.8}))
+    store.mkdir()
+    (store / "manifest.json").write_text("{}")
+    commands = []
+
+    def record(args, log):
+        commands.append(args[3:])
+        out = Path(args[args.index("--out") + 1])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if args[3] == "eval":
+            out.write_text(json.dumps({"mAP": 0.6 if "baseline" in str(out) else 0.65}))
+        else:
+            out.mkdir(exist_ok=True)
+            (out / "model.pt").write_bytes(b"")
+        return 1.0
+    monkeypatch.setattr(study_run, "run_command", record)
+    out = tmp_path / "study-750it.json"
+    assert main(["--params", str(params_file), "--iters", "750", "--out", str(out), "--plot",
+                 str(tmp_path / "p.png")]) == 0
+    trains = [c for c in commands if c[0] == "train"]
+    assert len(trains) == 2 and len(commands) == 4  # no teacher, no extraction: the study's own are kept
+    for command in trains:
+        assert command[command.index("--iters") + 1] == "750"
+        assert Path(command[command.index("--out") + 1]).parent == tmp_path / "runs-750it"
+    report = json.loads(out.read_text())
+    assert report["iters"] == 750 and report["settings"]["baseline"]["iters"] == 750
+    assert report["arms"]["offline_index"]["mAP"] == [0.65] and report["teacher"]["mAP"] == 0.8
