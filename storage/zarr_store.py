@@ -13,7 +13,10 @@ Layout of ``X.zarr/`` (N samples, S = samples_per_shard, L levels):
 Every chunk is a zstd frame with a content checksum, so a flipped bit in stored data is a read
 error, never a silently different value. The reader also refuses a store shard with a missing
 file (zarr itself would read the fill value, zeros, in its place) and a sample whose stored
-image id or view is not the one the manifest puts at its index.
+image id or view is not the one the manifest puts at its index. On a local store whose arrays have
+exactly the layout this writer creates, a sample's chunks are read straight from the shard files
+(``storage.zarr_direct``: the same bytes and checksums, without zarr's per-call overhead); elsewhere
+through zarr.
 
 Store shard k is therefore exactly one file per array (``<array>/c/k/0/...``), so processes
 writing different shards never touch the same file. A single file is never torn: zarr 3's
@@ -26,6 +29,8 @@ the marker, written last.
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 
 import numpy as np
 import zarr
@@ -38,6 +43,7 @@ from storage.errors import StoreError
 from storage.files import Location, sha256_files
 from storage.manifest import Manifest
 from storage.sample import Sample
+from storage.zarr_direct import ChunkFile
 
 _ZSTD_LEVEL = 3
 _METADATA = {"image_id": "<i8", "view_index": "<i2", "image_hw": "<i4", "feature_hw": "<i4"}
@@ -160,6 +166,27 @@ class ZarrReader(StoreReader):
                                  "describe this store; re-extract it")
             self.arrays[name] = array
         self._metadata: dict[int, dict[str, np.ndarray]] = {}
+        self._direct = self._direct_chunk_files()
+
+    def _direct_chunk_files(self) -> dict[str, ChunkFile]:
+        """On a local store whose feature arrays all have the layout ``ZarrWriter`` writes, a ``ChunkFile`` per
+        array part (``storage.zarr_direct``: a sample's chunks read straight from the shard files); else {} and
+        every read goes through zarr."""
+        if not self.location.is_local:
+            return {}
+        direct = {}
+        for name in self.arrays:
+            if name in _METADATA:
+                continue
+            try:
+                metadata = json.loads(Path(self.location.path(f"{name}/zarr.json")).read_text())
+                chunk_file = ChunkFile.for_array(metadata)
+            except Exception:  # unreadable here, readable by zarr above: let zarr read it
+                chunk_file = None
+            if chunk_file is None or chunk_file.chunks_per_shard != self.manifest.samples_per_shard:
+                return {}
+            direct[name] = chunk_file
+        return direct
 
     def read(self, index: int) -> Sample:
         self._check_index(index)
@@ -201,6 +228,17 @@ class ZarrReader(StoreReader):
             for part, (_, kind) in self.manifest.level_parts(level.stride).items():
                 selections[f"s{level.stride}/{part}"] = (index, slice(None), slice(0, h), slice(0, w)) \
                     if kind == "map" else (index,)
+        if self._direct:  # a local store: each part's chunk straight from its shard file (storage.zarr_direct)
+            k, row = divmod(index, self.manifest.samples_per_shard)
+            values = {}
+            for name, selection in selections.items():
+                array = self.arrays[name]
+                key = array.metadata.encode_chunk_key((k,) + (0,) * (array.ndim - 1))
+                region = (0, *selection[1:])
+                values[name] = self._direct[name].read(self.location.path(f"{name}/{key}"), row, region)
+                if values[name] is None:  # no chunk stored there: zarr reads the fill value, zeros
+                    values[name] = np.zeros(self._direct[name].chunk_shape, array.dtype)[region]
+            return values
 
         async def gather() -> list:
             return await asyncio.gather(*(self.arrays[name].async_array.getitem(selection)
