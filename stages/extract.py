@@ -386,17 +386,21 @@ def extract(cfg: ExtractConfig) -> Path | str:
     writer_thread.start()
     bar = tqdm(total=todo_samples, desc=f"extract {cfg.teacher}", unit="img",
                disable=not cfg.progress or not ranks.is_main)
+    def hand_over(samples: list[Sample]) -> None:
+        """Queue a batch's samples for the shard writers (timed: a full queue waits for a free writer)."""
+        tick = time.perf_counter()
+        for sample in samples:
+            writer_thread.put(sample)
+        phases["writers"] += time.perf_counter() - tick
+        bar.update(len(samples))
+
     try:
         while fitted:  # the batches the basis was fitted on: encoded from the maps the fit kept
             tick = time.perf_counter()
             batch, levels, statistics = fitted.pop(0)
             samples = encode_levels(batch, levels, statistics, strides, manifest.n_views, cfg.codec, bases)
             phases["teacher"] += time.perf_counter() - tick
-            tick = time.perf_counter()
-            for sample in samples:
-                writer_thread.put(sample)
-            phases["writers"] += time.perf_counter() - tick
-            bar.update(len(batch))
+            hand_over(samples)
         batches_in = iter(loader)
         while True:
             tick = time.perf_counter()
@@ -411,11 +415,7 @@ def extract(cfg: ExtractConfig) -> Path | str:
             samples = run_teacher(teacher, batch, strides, device, manifest.n_views, cfg.codec, frozenset(projected),
                                   bases)
             phases["teacher"] += time.perf_counter() - tick
-            tick = time.perf_counter()
-            for sample in samples:
-                writer_thread.put(sample)
-            phases["writers"] += time.perf_counter() - tick
-            bar.update(len(batch))
+            hand_over(samples)
     finally:
         bar.close()
         tick = time.perf_counter()
