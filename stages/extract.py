@@ -386,6 +386,7 @@ def extract(cfg: ExtractConfig) -> Path | str:
     writer_thread.start()
     bar = tqdm(total=todo_samples, desc=f"extract {cfg.teacher}", unit="img",
                disable=not cfg.progress or not ranks.is_main)
+
     def hand_over(samples: list[Sample]) -> None:
         """Queue a batch's samples for the shard writers (timed: a full queue waits for a free writer)."""
         tick = time.perf_counter()

@@ -121,11 +121,12 @@ class ZarrWriter(StoreWriter):
 
 def shard_files(group: zarr.Group, manifest: Manifest, shard_index: int) -> list[str]:
     """Paths, relative to the store root, of the files that make store shard ``shard_index`` (one per array)."""
-    paths = []
-    for name, (_, shape, _) in array_specs(manifest).items():
-        key = group[name].metadata.encode_chunk_key((shard_index,) + (0,) * (len(shape) - 1))
-        paths.append(f"{name}/{key}")
-    return paths
+    return [f"{name}/{shard_key(group[name], shard_index)}" for name in array_specs(manifest)]
+
+
+def shard_key(array: zarr.Array, shard_index: int) -> str:
+    """The key, under ``array``'s path, of the file holding store shard ``shard_index`` of it."""
+    return array.metadata.encode_chunk_key((shard_index,) + (0,) * (array.ndim - 1))
 
 
 class ZarrReader(StoreReader):
@@ -232,12 +233,11 @@ class ZarrReader(StoreReader):
             k, row = divmod(index, self.manifest.samples_per_shard)
             values = {}
             for name, selection in selections.items():
-                array = self.arrays[name]
-                key = array.metadata.encode_chunk_key((k,) + (0,) * (array.ndim - 1))
                 region = (0, *selection[1:])
-                values[name] = self._direct[name].read(self.location.path(f"{name}/{key}"), row, region)
+                path = self.location.path(f"{name}/{shard_key(self.arrays[name], k)}")
+                values[name] = self._direct[name].read(path, row, region)
                 if values[name] is None:  # no chunk stored there: zarr reads the fill value, zeros
-                    values[name] = np.zeros(self._direct[name].chunk_shape, array.dtype)[region]
+                    values[name] = np.zeros(self._direct[name].chunk_shape, self.arrays[name].dtype)[region]
             return values
 
         async def gather() -> list:
