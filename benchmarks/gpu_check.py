@@ -9,7 +9,8 @@ codec and layout or ``--codec``/``--layout``, zarr and WebDataset; its steady ra
 CLI, on the device), steps (RetinaNet-R50 alone, offline from each store, online with the teacher:
 median step time and peak GPU memory), read (store read rate vs the student's consumption), loss
 (offline loss == online loss on a batch of equal-size images), torchrun (extract and train under
-``torchrun --nproc_per_node 1``: nccl on CUDA, gloo on CPU). See docs/gpu.md for every key.
+``torchrun --nproc_per_node 1``: nccl on CUDA, gloo on CPU), batch (extraction's per-batch path piece by piece,
+and where its launching part waits for the device). See docs/gpu.md for every key.
 """
 
 from __future__ import annotations
@@ -387,8 +388,93 @@ def section_torchrun(args, sizes: Sizes, work: Path, result: dict) -> None:
                           "train_losses": [r["loss"] for r in log_lines]}
 
 
+def section_batch(args, sizes: Sizes, work: Path, result: dict) -> None:
+    """Extraction's per-batch path, piece by piece, waiting for the device after each (ms per batch of
+    ``extract_batch_size``, medians over the batches of two rounds after a warm-up one): the images' copy to the
+    device, the teacher forward alone, ``teacher_levels`` whole (copy, forward, projections and checks), and
+    ``launch_encode`` + ``finish`` (encoding and the copy to the host). On CUDA also where the launching part
+    (``teacher_levels``, ``launch_encode``) waits for the device, from torch's sync debug mode: the project's
+    source lines that did (none: the host can run a batch ahead of the device)."""
+    import warnings
+
+    from stages.extract import finish, launch_encode, teacher_levels
+    from pkd_offline.stored_maps import device_basis
+    from storage.codecs import needs_basis
+    from storage.pca_basis import read_side
+    from storage.store import existing_side
+
+    device = torch.device(args.device)
+    manifest = open_store(str(work / "f.zarr")).manifest
+    strides = list(manifest.strides)
+    projected = frozenset(t for s, t in manifest.layout.get("pairs", []) if t in manifest.layout.get("projected", []))
+    bases = {}
+    if needs_basis(manifest.codec):
+        side = read_side(existing_side(str(work / "f.zarr")), {level.stride: level.channels for level in manifest.levels},
+                         "the check's store")
+        bases = {stride: device_basis(basis, device) for stride, basis in side.items()}
+    dataset = CocoDetection(work / "data", "train", store_views(work / "f.zarr"))
+    teacher, _ = load_teacher(TEACHER, checkpoint=None, random_init=True, variant=sizes.variant,
+                              num_classes=dataset.num_classes)
+    teacher.to(device)
+    groups: dict[tuple, list] = {}
+    for i in range(len(dataset)):
+        item = dataset[(i, 0)]
+        if device.type == "cuda":
+            item["image"] = item["image"].pin_memory()
+        groups.setdefault(tuple(item["image"].shape), []).append(item)
+    batches = [g[k:k + sizes.extract_batch_size] for g in groups.values()
+               for k in range(0, len(g), sizes.extract_batch_size)]
+    times: dict[str, list[float]] = {"copy": [], "forward": [], "teacher_levels": [], "encode_and_finish": []}
+
+    def timed(name: str | None, work_to_time):
+        synchronize(device)
+        tick = time.perf_counter()
+        value = work_to_time()
+        synchronize(device)
+        if name:
+            times[name].append(1000 * (time.perf_counter() - tick))
+        return value
+
+    for round_index in range(3):
+        for batch in batches:
+            keep = (lambda name: name) if round_index else (lambda name: None)  # round 0 warms up
+            images = timed(keep("copy"), lambda: [item["image"].to(device, non_blocking=True) for item in batch])
+            with torch.inference_mode(), teacher_autocast(device):
+                timed(keep("forward"), lambda: teacher.features(images))
+            maps = timed(keep("teacher_levels"), lambda: teacher_levels(teacher, batch, strides, device, projected))
+            timed(keep("encode_and_finish"), lambda: finish(launch_encode(batch, maps, strides, manifest.codec, bases),
+                                                            manifest.n_views))
+    waits: Counter = Counter()
+    if device.type == "cuda":
+        def note(message, category, filename, lineno, file=None, line=None):
+            import traceback as tb
+            ours = [frame for frame in tb.extract_stack()[:-1] if str(ROOT) in frame.filename
+                    and "benchmarks" not in frame.filename]
+            where = f"{Path(ours[-1].filename).relative_to(ROOT)}:{ours[-1].lineno}" if ours else f"{filename}:{lineno}"
+            waits[f"{where} ({str(message)[:60]})"] += 1
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = note
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for batch in batches[:2]:
+                    launched = launch_encode(batch, teacher_levels(teacher, batch, strides, device, projected),
+                                             strides, manifest.codec, bases)
+                    torch.cuda.set_sync_debug_mode(0)
+                    finish(launched, manifest.n_views)
+                    torch.cuda.set_sync_debug_mode("warn")
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    result["batch_path"] = {"images_per_batch": [len(b) for b in batches], "codec": manifest.codec,
+                            "projected": sorted(projected),
+                            "ms_per_batch": {name: statistics.median(values) for name, values in times.items()},
+                            "launch_waits_for_device": dict(waits) if device.type == "cuda" else None}
+
+
 SECTIONS = {"synth": section_synth, "extract": section_extract, "forward": section_forward, "verify": section_verify,
-            "steps": section_steps, "read": section_read, "loss": section_loss, "torchrun": section_torchrun}
+            "steps": section_steps, "read": section_read, "loss": section_loss, "torchrun": section_torchrun,
+            "batch": section_batch}
 
 
 def environment(args) -> dict:
@@ -472,10 +558,15 @@ def main() -> None:
     parser.add_argument("--layout", choices=("full", "projected"), default="full",
                         help="store layout (default: full; projected stores P2..P4 at the student's resolution)")
     parser.add_argument("--budget", type=int, help="seconds after which no section starts (default: 330 full, 600 quick)")
+    parser.add_argument("--images", type=int, help="images in the training store (default: 48 full, 8 quick)")
+    parser.add_argument("--samples-per-shard", dest="samples_per_shard", type=int,
+                        help="store shard size (default 4: shards >= loader workers even for 48 images)")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
-    if args.budget is not None:
-        sizes = dataclasses.replace(sizes, budget_seconds=args.budget)
+    for name in ("budget", "images", "samples_per_shard"):
+        value = getattr(args, name)
+        if value is not None:
+            sizes = dataclasses.replace(sizes, **{"budget_seconds" if name == "budget" else name: value})
     result = run_check(args, sizes)
     line = json.dumps(result, default=str)
     out = args.out or os.environ.get("OUT")

@@ -111,12 +111,19 @@ def project_image(teacher: Tensor, valid_hw: tuple[int, int]) -> tuple[Tensor, T
         ``cross`` (C, ceil(ht/2)+1, ceil(wt/2)+1) float32, computed in a teacher frame of twice that
         size (no clamp at its border touches it); ``sum`` and ``sum_sq`` (C,) float64.
     """
+    cross, total, square = project_images(teacher[None], valid_hw)
+    return cross[0], total[0], square[0]
+
+
+def project_images(teacher: Tensor, valid_hw: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    """``project_image`` of a batch of maps (N, C, H, W) that share one valid size: ``cross`` (N, C, hs, ws)
+    float32, ``sum`` and ``sum_sq`` (N, C) float64, all on the maps' device (nothing waits for it)."""
     ht, wt = valid_hw
     hs, ws = math.ceil(ht / 2) + 1, math.ceil(wt / 2) + 1
-    frame = teacher.new_zeros(1, teacher.shape[0], 2 * hs, 2 * ws)
-    frame[0, :, :ht, :wt] = teacher[:, :ht, :wt].float()
-    wide = frame[0].double()
-    return resize_adjoint(frame, (hs, ws))[0], wide.sum(dim=(1, 2)), (wide * wide).sum(dim=(1, 2))
+    frame = teacher.new_zeros(teacher.shape[0], teacher.shape[1], 2 * hs, 2 * ws, dtype=torch.float32)
+    frame[:, :, :ht, :wt] = teacher[:, :, :ht, :wt].float()
+    wide = frame.double()
+    return resize_adjoint(frame, (hs, ws)), wide.sum(dim=(2, 3)), (wide * wide).sum(dim=(2, 3))
 
 
 def place_cross(per_image: list[Tensor], student_hw: tuple[int, int], device: torch.device | None = None) -> Tensor:

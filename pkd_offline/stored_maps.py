@@ -55,24 +55,23 @@ def dense_map(features: Tensor | EncodedMap, device: torch.device | str | None =
     return features.decode(device) if isinstance(features, EncodedMap) else features
 
 
-def _encode_float(dtype: torch.dtype, name: str) -> Callable[[Tensor], dict[str, Tensor]]:
+def _encode_float(dtype: torch.dtype) -> Callable[[Tensor], tuple[dict[str, Tensor], Tensor | None]]:
     limit = float(torch.finfo(dtype).max)
 
-    def encode(features: Tensor, basis: LevelBasis | None = None) -> dict[str, Tensor]:
+    def encode(features: Tensor, basis: LevelBasis | None = None) -> tuple[dict[str, Tensor], Tensor | None]:
         features = features.float()
-        if features.numel() and max(float(features.amax()), -float(features.amin())) > limit:
-            raise ValueError(f"features exceed the {name} range (|x| > {limit:g}): use the fp32 codec")
-        return {"values": features.to(dtype)}
+        too_large = features.abs().amax() > limit if features.numel() else None
+        return {"values": features.to(dtype)}, too_large
     return encode
 
 
-def _encode_int(name: str) -> Callable[[Tensor], dict[str, Tensor]]:
+def _encode_int(name: str) -> Callable[[Tensor], tuple[dict[str, Tensor], None]]:
     """``IntCodec.encode`` of codec ``name`` in torch, for maps (..., C, H, W): per map and channel, the range
-    in float64, steps rounded half to even and clipped to +-levels."""
+    in float64, steps rounded half to even and clipped to +-levels (every finite value fits)."""
     levels = CODECS[name].levels
 
-    def encode(features: Tensor, basis: LevelBasis | None = None) -> dict[str, Tensor]:
-        return _encode_levels(features, levels)
+    def encode(features: Tensor, basis: LevelBasis | None = None) -> tuple[dict[str, Tensor], None]:
+        return _encode_levels(features, levels), None
     return encode
 
 
@@ -100,26 +99,57 @@ def _decode_int(parts: dict[str, Tensor], basis: LevelBasis | None = None) -> Te
     return parts["q"].float() * parts["scale"].float()[:, None, None] + parts["offset"].float()[:, None, None]
 
 
-def _basis_tensor(values: np.ndarray, like: Tensor, dtype: torch.dtype) -> Tensor:
-    return torch.from_numpy(np.asarray(values)).to(like.device, dtype)
+@dataclass
+class DeviceBasis:
+    """A LevelBasis's arrays as float64 tensors on one device (``device_basis``), so an extraction copies them
+    there once, not once a batch."""
+
+    mean: Tensor  # (C,)
+    scale: Tensor  # (C,)
+    components: Tensor  # (C, C)
+    step: float
 
 
-def _encode_pca(features: Tensor, basis: LevelBasis | None) -> dict[str, Tensor]:
+def device_basis(basis: LevelBasis | DeviceBasis, device: torch.device | str) -> DeviceBasis:
+    """``basis`` as float64 tensors on ``device`` (a DeviceBasis already there is returned as it is)."""
+    if isinstance(basis, DeviceBasis) and basis.mean.device == torch.device(device):
+        return basis
+    if isinstance(basis, DeviceBasis):
+        return DeviceBasis(basis.mean.to(device), basis.scale.to(device), basis.components.to(device), basis.step)
+    return DeviceBasis(*_basis_tensors(basis, torch.empty(0, device=device), torch.float64), basis.step)
+
+
+_KEPT: dict[tuple[str, str, torch.dtype], tuple[Tensor, Tensor, Tensor]] = {}  # (key, device, dtype) -> tensors
+KEPT_BASES = 64  # bases kept on devices at most (a store has one per level)
+
+
+def _basis_tensors(basis: LevelBasis, like: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """``basis``'s mean, scale (C,) and components (C, C) as ``dtype`` on ``like``'s device; a basis read from a
+    store (``key``) is copied there once, not once a sample (a copy from pageable memory waits for the device)."""
+    cache_key = (basis.key, str(like.device), dtype)
+    if basis.key and cache_key in _KEPT:
+        return _KEPT[cache_key]
+    tensors = tuple(torch.from_numpy(np.asarray(v)).to(like.device, dtype)
+                    for v in (basis.mean, basis.scale, basis.components))
+    if basis.key:
+        if len(_KEPT) >= KEPT_BASES:
+            _KEPT.clear()
+        _KEPT[cache_key] = tensors
+    return tensors
+
+
+def _encode_pca(features: Tensor, basis: LevelBasis | DeviceBasis | None) -> tuple[dict[str, Tensor], Tensor | None]:
     """``PcaCodec.encode`` in torch for maps (..., C, H, W), in float64 as numpy does: standardise, rotate
-    (components^T), round half to even to the step, zigzag, two byte planes. ValueError if a code needs more than
-    two bytes."""
+    (components^T), round half to even to the step, zigzag, two byte planes; and whether a code needs more than
+    two bytes (a 0-dim bool tensor, None for empty maps)."""
     if basis is None:
         raise ValueError("the pca codec needs the store's basis")
-    f64 = torch.float64
-    mean, scale = (_basis_tensor(v, features, f64)[:, None, None] for v in (basis.mean, basis.scale))
-    components = _basis_tensor(basis.components, features, f64)
-    standard = (features.double() - mean) / scale
-    steps = torch.round(torch.einsum("cd,...chw->...dhw", components, standard) / basis.step)
+    basis = device_basis(basis, features.device)
+    standard = (features.double() - basis.mean[:, None, None]) / basis.scale[:, None, None]
+    steps = torch.round(torch.einsum("cd,...chw->...dhw", basis.components, standard) / basis.step)
     codes = torch.where(steps >= 0, 2 * steps, -2 * steps - 1).long()
-    if codes.numel() and int(codes.max()) > PcaCodec.max_code:
-        raise ValueError("features lie too far from the pca basis's mean (beyond +-32767 steps): the basis was "
-                         "fitted on other data; use the int8 codec")
-    return {"low": (codes & 0xFF).to(torch.uint8), "high": (codes >> 8).to(torch.uint8)}
+    too_far = codes.amax() > PcaCodec.max_code if codes.numel() else None
+    return {"low": (codes & 0xFF).to(torch.uint8), "high": (codes >> 8).to(torch.uint8)}, too_far
 
 
 def _decode_pca(parts: dict[str, Tensor], basis: LevelBasis | None) -> Tensor:
@@ -130,20 +160,47 @@ def _decode_pca(parts: dict[str, Tensor], basis: LevelBasis | None) -> Tensor:
     codes = low.long() + 256 * parts["high"].long()
     steps = (codes >> 1) ^ -(codes & 1)
     channels = low.shape[0]
-    components = _basis_tensor(basis.components, low, torch.float32)
+    mean, scale, components = _basis_tensors(basis, low, torch.float32)
     standard = components @ (steps.reshape(channels, -1).float() * basis.step)
-    scale, mean = (_basis_tensor(v, low, torch.float32)[:, None] for v in (basis.scale, basis.mean))
-    return (standard * scale + mean).reshape(low.shape)
+    return (standard * scale[:, None] + mean[:, None]).reshape(low.shape)
 
 
-ENCODERS: dict[str, Callable[[Tensor], dict[str, Tensor]]] = {
-    "fp32": _encode_float(torch.float32, "fp32"),
-    "fp16": _encode_float(torch.float16, "fp16"),
+DEVICE_ENCODERS: dict[str, Callable[[Tensor], tuple[dict[str, Tensor], Tensor | None]]] = {
+    "fp32": _encode_float(torch.float32),
+    "fp16": _encode_float(torch.float16),
     **{name: _encode_int(name) for name in ("int8", "int6", "int4", "int2")},
     "pca": _encode_pca,
 }
+"""codec name -> encode(float (..., C, H, W) on any device, the level's basis or None) -> (parts as
+``CODECS[name].encode`` makes them for each (C, H, W) map, a 0-dim bool tensor that is True where the codec
+cannot hold the values, or None where it holds any). Nothing waits for the device: ``check_range`` reads the flag."""
+
+RANGE_ERRORS = {
+    "fp32": "features exceed the fp32 range: check the teacher",
+    "fp16": f"features exceed the fp16 range (|x| > {float(torch.finfo(torch.float16).max):g}): use the fp32 codec",
+    "pca": "features lie too far from the pca basis's mean (beyond +-32767 steps): the basis was fitted on other "
+           "data; use the int8 codec",
+}
+"""codec name -> the ValueError message when its range flag is set."""
+
+
+def check_range(codec: str, out_of_range: Tensor | bool | None) -> None:
+    """ValueError (``RANGE_ERRORS[codec]``) if a device encoder's flag is set (reads it: waits for the device)."""
+    if out_of_range is not None and bool(out_of_range):
+        raise ValueError(RANGE_ERRORS[codec])
+
+
+def _checked(codec: str) -> Callable[[Tensor], dict[str, Tensor]]:
+    def encode(features: Tensor, basis: LevelBasis | DeviceBasis | None = None) -> dict[str, Tensor]:
+        parts, out_of_range = DEVICE_ENCODERS[codec](features, basis)
+        check_range(codec, out_of_range)
+        return parts
+    return encode
+
+
+ENCODERS: dict[str, Callable[[Tensor], dict[str, Tensor]]] = {name: _checked(name) for name in DEVICE_ENCODERS}
 """codec name -> encode(float (..., C, H, W) on any device, the level's basis or None) -> parts as ``CODECS[name].encode`` makes them
-for each (C, H, W) map."""
+for each (C, H, W) map; ValueError where the codec cannot hold the values."""
 
 DECODERS: dict[str, Callable[[Tensor], dict[str, Tensor]]] = {
     "fp32": _decode_float,

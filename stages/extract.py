@@ -28,14 +28,14 @@ from tqdm import tqdm
 from pkd_offline.data import CocoDetection, collate, file_sha256, read_image
 from pkd_offline.distributed import barrier, init_ranks, resolve_device
 from pkd_offline.errors import PkdError
-from pkd_offline.projection import RESIZE, project_image, projection_is_exact
+from pkd_offline.projection import RESIZE, project_images, projection_is_exact
 from pkd_offline.pyramid import level_size
-from pkd_offline.stored_maps import encode_on_device
+from pkd_offline.stored_maps import DEVICE_ENCODERS, check_range, device_basis
 from pkd_offline.views import View, make_views, view_padded_size
 from stages.teachers import load_teacher
 from storage import LevelSpec, Manifest, Sample, create_store, detect_format
 from storage.manifest import shard_span
-from storage.codecs import needs_basis
+from storage.codecs import EncodedLevel, needs_basis
 from storage.pca_basis import (DEFAULT_STEP, SIDE_NAME, basis_from_moments, level_steps, read_side, side_bytes,
                                side_sha256)
 from storage.store import existing_side
@@ -257,9 +257,12 @@ class ShardWriterThread(threading.Thread):
 
 # Where extraction's main loop spends its time (the second summary line on stderr): fitting a pca basis on the
 # first batches (their teacher forwards included; those batches are then encoded, not run again), waiting for the
-# loader's images (after the first batch), the teacher forward plus device-side checks, encoding and the copy to
-# the host, waiting for a free shard writer (the queue is full), and writing the last shards after the last batch.
-EXTRACT_PHASES = ("fit", "images", "teacher", "writers", "last_shards")
+# loader's images (after the first batch), launching the teacher forward with its projections and checks, launching
+# the encoding and the copy to the host, waiting for the device to finish a batch (on a GPU the next batch is
+# launched first, so this is the device's time not hidden behind the host's; on the CPU the work itself is in
+# teacher and encode), waiting for a free shard writer (the queue is full), and writing the last shards after the
+# last batch.
+EXTRACT_PHASES = ("fit", "images", "teacher", "encode", "device", "writers", "last_shards")
 FIT_SAMPLES = 32  # samples (image x view) a pca basis is fitted on: the store's first, in shard order
 
 
@@ -274,20 +277,24 @@ def first_batches(batches: list[list[tuple[int, int]]], samples: int) -> list[li
 
 
 def fit_side(teacher, loader: DataLoader, strides: list[int], device: torch.device, projected: frozenset[int],
-             step: float) -> tuple[bytes, list[tuple[list[dict], dict[int, Tensor], list[dict]]]]:
+             step: float) -> tuple[bytes, list[tuple[list[dict], TeacherMaps]]]:
     """The pca codec's side file, per stride a basis fitted on the stored maps (projections for the projected
     strides) of ``loader``'s batches (the store's first ``FIT_SAMPLES`` samples in shard order, whatever the
     number of ranks, so a re-run fits the same basis), and those batches with their maps as ``teacher_levels``
     gave them: rank 0 encodes the ones in its own shards (all of them when shard 0 holds them, as with one rank
-    or at least ``FIT_SAMPLES`` samples per shard) and never runs those twice."""
+    or at least ``FIT_SAMPLES`` samples per shard) and never runs those twice. PkdError naming the image if any
+    fitted value is NaN or Inf."""
     fitted, moments = [], {}  # stride -> [positions, (C,) sums, (C, C) sums of products], float64 on the device
     for batch in loader:
-        levels, statistics = teacher_levels(teacher, batch, strides, device, projected)
-        fitted.append((batch, levels, statistics))
+        maps = teacher_levels(teacher, batch, strides, device, projected)
+        fitted.append((batch, maps))
         for stride in strides:
-            flat = levels[stride].double().transpose(0, 1).flatten(1)  # (C, N * h * w)
-            count, total, gram = moments.get(stride, (0, 0.0, 0.0))
-            moments[stride] = (count + flat.shape[1], total + flat.sum(dim=1), gram + flat @ flat.T)
+            for _, values in maps.levels[stride]:
+                flat = values.double().transpose(0, 1).flatten(1)  # (C, n * h * w)
+                count, total, gram = moments.get(stride, (0, 0.0, 0.0))
+                moments[stride] = (count + flat.shape[1], total + flat.sum(dim=1), gram + flat @ flat.T)
+    for batch, maps in fitted:
+        raise_if_not_finite(batch, maps.finite.cpu(), strides)
     steps = level_steps(step, strides)
     return side_bytes({stride: basis_from_moments(count, total.cpu().numpy(), gram.cpu().numpy(), steps[stride])
                        for stride, (count, total, gram) in moments.items()}), fitted
@@ -344,7 +351,7 @@ def extract(cfg: ExtractConfig) -> Path | str:
 
     def loader_of(batches: list[list[tuple[int, int]]]) -> DataLoader:
         return DataLoader(ExtractionItems(dataset, cfg.with_images), batch_sampler=batches, collate_fn=collate,
-                          num_workers=cfg.workers)
+                          num_workers=cfg.workers, pin_memory=device.type == "cuda")
 
     side, fit_plan, fitted = None, [], []
     phases = dict.fromkeys(EXTRACT_PHASES, 0.0)  # seconds of this process's main loop, by what it waited on
@@ -373,6 +380,7 @@ def extract(cfg: ExtractConfig) -> Path | str:
         writer = create_store(str(cfg.out), manifest)
     bases = {} if side is None else read_side(side, {level.stride: level.channels for level in manifest.levels},
                                              str(cfg.out))
+    bases = {stride: device_basis(basis, device) for stride, basis in bases.items()}  # copied to the device once
     done = writer.completed_shards()
     todo = [k for k in range(ranks.rank, manifest.n_shards, ranks.world_size) if k not in done]
     batches = plan(todo)
@@ -395,13 +403,26 @@ def extract(cfg: ExtractConfig) -> Path | str:
         phases["writers"] += time.perf_counter() - tick
         bar.update(len(samples))
 
+    pending: list[LaunchedBatch] = []  # at most one: a batch is finished once the next one is launched
+
+    def encode_batch(batch: list[dict], maps: TeacherMaps) -> None:
+        """Encode a batch on the device and start its copy to the host; then finish the previous batch, whose
+        copy is done by the time this one's work runs, so the device stays busy while the host waits."""
+        tick = time.perf_counter()
+        pending.append(launch_encode(batch, maps, strides, cfg.codec, bases))
+        phases["encode"] += time.perf_counter() - tick
+        if len(pending) > 1:
+            finish_oldest()
+
+    def finish_oldest() -> None:
+        tick = time.perf_counter()
+        samples = finish(pending.pop(0), manifest.n_views)
+        phases["device"] += time.perf_counter() - tick
+        hand_over(samples)
+
     try:
         while fitted:  # the batches the basis was fitted on: encoded from the maps the fit kept
-            tick = time.perf_counter()
-            batch, levels, statistics = fitted.pop(0)
-            samples = encode_levels(batch, levels, statistics, strides, manifest.n_views, cfg.codec, bases)
-            phases["teacher"] += time.perf_counter() - tick
-            hand_over(samples)
+            encode_batch(*fitted.pop(0))
         batches_in = iter(loader)
         while True:
             tick = time.perf_counter()
@@ -413,10 +434,11 @@ def extract(cfg: ExtractConfig) -> Path | str:
             else:
                 phases["images"] += time.perf_counter() - tick
             tick = time.perf_counter()
-            samples = run_teacher(teacher, batch, strides, device, manifest.n_views, cfg.codec, frozenset(projected),
-                                  bases)
+            maps = teacher_levels(teacher, batch, strides, device, frozenset(projected))
             phases["teacher"] += time.perf_counter() - tick
-            hand_over(samples)
+            encode_batch(batch, maps)
+        while pending:
+            finish_oldest()
     finally:
         bar.close()
         tick = time.perf_counter()
@@ -448,57 +470,146 @@ def teacher_autocast(device: torch.device) -> torch.autocast:
 def run_teacher(teacher, batch: list[dict], strides: list[int], device: torch.device, n_views: int, codec: str,
                 projected: frozenset[int] = frozenset(), bases: dict | None = None) -> list[Sample]:
     """Teacher FPN maps of one same-size batch as Samples whose levels are encoded with ``codec`` on the
-    teacher's device (``teacher_levels`` then ``encode_levels``)."""
-    return encode_levels(batch, *teacher_levels(teacher, batch, strides, device, projected), strides, n_views,
-                         codec, bases)
+    teacher's device (``teacher_levels``, ``launch_encode``, then ``finish``)."""
+    maps = teacher_levels(teacher, batch, strides, device, projected)
+    return finish(launch_encode(batch, maps, strides, codec, bases), n_views)
+
+
+@dataclass
+class TeacherMaps:
+    """One same-size batch's teacher maps on the teacher's device, nothing yet read back from it.
+
+    ``levels`` {stride: [(image positions in the batch, (n, C, h, w) float32)]}: the maps (one group: the whole
+    batch), or for a projected stride their projections, one group per valid size (each image's own size);
+    ``statistics`` {projected stride: ((N, C) sums, (N, C) sums of squares) float64} of the maps themselves;
+    ``finite`` (levels, N) bool: whether every value of image i at ``strides[j]`` (and its statistics) is finite.
+    """
+
+    levels: dict[int, list[tuple[list[int], Tensor]]]
+    statistics: dict[int, tuple[Tensor, Tensor]]
+    finite: Tensor
 
 
 @torch.inference_mode()
 def teacher_levels(teacher, batch: list[dict], strides: list[int], device: torch.device,
-                   projected: frozenset[int] = frozenset()) -> tuple[dict[int, Tensor], list[dict]]:
-    """The teacher's FPN maps of one same-size batch, on its device: {stride: (N, C, h/stride, w/stride) float},
-    a stride in ``projected`` replaced by its projection for a student of twice the stride (``project_image``),
-    and per image {stride: {"sum", "sum_sq"}} of the projected strides. PkdError naming the image if any value
-    is NaN or Inf."""
+                   projected: frozenset[int] = frozenset()) -> TeacherMaps:
+    """The teacher's FPN maps of one same-size batch (``TeacherMaps``), a stride in ``projected`` replaced by
+    its projection for a student of twice the stride (``project_images``, one call per valid size in the
+    batch). Only launches work on the device: nothing here waits for it (``finish`` reads the checks)."""
     images = [item["image"].to(device, non_blocking=True) for item in batch]
     with teacher_autocast(device):
         features, _ = teacher.features(images)
-    levels: dict[int, Tensor] = {}  # stride -> (N, C, h, w) float: the maps, or the projections
-    statistics: list[dict[int, dict[str, np.ndarray]]] = [{} for _ in batch]
-    for s in strides:
+    everyone = list(range(len(batch)))
+    levels: dict[int, list[tuple[list[int], Tensor]]] = {}
+    statistics: dict[int, tuple[Tensor, Tensor]] = {}
+    finite = torch.ones(len(strides), len(batch), dtype=torch.bool, device=features[strides[0]].device)
+    for j, s in enumerate(strides):
         if s not in projected:
-            levels[s] = features[s].float()
-            continue
-        crosses = []
-        for i, item in enumerate(batch):
-            cross, total, square = project_image(features[s][i].float(), level_size(item["image_hw"], s))
-            crosses.append(cross)
-            statistics[i][s] = {"sum": total.cpu().numpy(), "sum_sq": square.cpu().numpy()}
-        levels[s] = torch.stack(crosses)
-    # One device-to-host read decides finiteness for the whole batch, (levels, N) per image and level: a
-    # map's max and min are finite exactly when all its values are (NaN and Inf reach them); two cheap passes.
-    finite = torch.stack([torch.isfinite(levels[s].flatten(1).amax(dim=1) + levels[s].flatten(1).amin(dim=1))
-                          for s in strides]).cpu()
-    for i, item in enumerate(batch):
-        for j, s in enumerate(strides):
-            if not finite[j, i] or not all(np.isfinite(v).all() for v in statistics[i].get(s, {}).values()):
-                raise PkdError(f"teacher features of image {item['image_id']} (view {item['view_index']}, stride "
-                               f"{s}) hold NaN or Inf: nothing was written for it; check the checkpoint and the image")
-    return levels, statistics
+            levels[s] = [(everyone, features[s].float())]
+        else:
+            by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+            for i, item in enumerate(batch):
+                by_size[level_size(item["image_hw"], s)].append(i)
+            levels[s] = []
+            total = features[s].new_zeros(len(batch), features[s].shape[1], dtype=torch.float64)
+            square = total.clone()
+            for valid_hw, indices in by_size.items():
+                rows = device_rows(indices, len(batch), total.device)
+                cross, total[rows], square[rows] = project_images(features[s][rows], valid_hw)
+                levels[s].append((indices, cross))
+            statistics[s] = (total, square)
+            finite[j] &= torch.isfinite(total.sum(dim=1) + square.sum(dim=1))
+        # A map's max and min are finite exactly when all its values are (NaN and Inf reach them).
+        for indices, maps in levels[s]:
+            flat = maps.flatten(1)
+            finite[j, device_rows(indices, len(batch), finite.device)] &= torch.isfinite(flat.amax(dim=1) + flat.amin(dim=1))
+    return TeacherMaps(levels, statistics, finite)
+
+
+def device_rows(indices: list[int], size: int, device: torch.device) -> slice | Tensor:
+    """An index of ``indices`` (positions in a batch of ``size``) that does not wait for the device: a slice for
+    the whole batch, else an int64 tensor copied from page-locked memory (a Python list would be copied from
+    pageable memory, which waits for all queued work)."""
+    if indices == list(range(size)):
+        return slice(None)
+    rows = torch.tensor(indices, dtype=torch.int64)
+    return rows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else rows
+
+
+@dataclass
+class LaunchedBatch:
+    """A batch whose encoded levels are being copied to the host (``launch_encode``); ``finish`` waits for the
+    copies (``done``, a CUDA event; None where the device is the host) and makes Samples of them."""
+
+    batch: list[dict]
+    strides: list[int]
+    codec: str
+    parts: dict[int, list[tuple[list[int], dict[str, Tensor]]]]  # stride -> [(positions, part -> (n, ...))], host
+    statistics: dict[int, tuple[Tensor, Tensor]]  # projected stride -> (N, C) float64 sums, sums of squares
+    finite: Tensor  # (levels, N) bool
+    out_of_range: list[Tensor]  # 0-dim bool flags of the device encoders (on the host)
+    done: torch.cuda.Event | None
+
+
+def to_host(tensor: Tensor) -> Tensor:
+    """A copy on the host that does not wait for the device (page-locked; valid once the batch's event is done)."""
+    return tensor.to("cpu", non_blocking=True)
 
 
 @torch.inference_mode()
-def encode_levels(batch: list[dict], levels: dict[int, Tensor], statistics: list[dict], strides: list[int],
-                  n_views: int, codec: str, bases: dict | None = None) -> list[Sample]:
-    """``teacher_levels``' maps of ``batch`` as Samples whose levels are encoded with ``codec`` where the maps lie
-    (``encode_on_device``: only the stored values cross to the host; a codec that needs side information with
-    ``bases`` {stride: LevelBasis})."""
+def launch_encode(batch: list[dict], maps: TeacherMaps, strides: list[int], codec: str,
+                  bases: dict | None = None) -> LaunchedBatch:
+    """Encode ``maps`` with ``codec`` where they lie (``DEVICE_ENCODERS``; ``bases`` {stride: LevelBasis or
+    DeviceBasis} for a codec that needs one) and start copying the stored values, the statistics and the checks to
+    the host, without waiting for the device: only the encoded values cross (fp16: half of float32)."""
+    parts, flags = {}, []
+    for s in strides:
+        parts[s] = []
+        for indices, values in maps.levels[s]:
+            encoded, out_of_range = DEVICE_ENCODERS[codec](values, (bases or {}).get(s))
+            parts[s].append((indices, {name: to_host(part) for name, part in encoded.items()}))
+            if out_of_range is not None:
+                flags.append(to_host(out_of_range))
+    statistics = {s: (to_host(total), to_host(square)) for s, (total, square) in maps.statistics.items()}
+    finite = to_host(maps.finite)
+    device = maps.finite.device
+    done = None
+    if device.type == "cuda":
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(device))
+    return LaunchedBatch(batch, strides, codec, parts, statistics, finite, flags, done)
+
+
+def raise_if_not_finite(batch: list[dict], finite: Tensor, strides: list[int]) -> None:
+    """PkdError naming the first image whose maps hold NaN or Inf (``finite``: (levels, N) bool on the host)."""
+    for i, item in enumerate(batch):
+        for j, s in enumerate(strides):
+            if not finite[j, i]:
+                raise PkdError(f"teacher features of image {item['image_id']} (view {item['view_index']}, stride "
+                               f"{s}) hold NaN or Inf: nothing was written for it; check the checkpoint and the image")
+
+
+def finish(launched: LaunchedBatch, n_views: int) -> list[Sample]:
+    """Wait for ``launched``'s copies and make its Samples. PkdError naming the image if any value is NaN or Inf
+    (nothing of the batch is written), or naming the batch's images if the codec cannot hold the values."""
+    if launched.done is not None:
+        launched.done.synchronize()
+    batch, strides = launched.batch, launched.strides
+    raise_if_not_finite(batch, launched.finite, strides)
     try:
-        encoded = {s: encode_on_device(codec, levels[s], (bases or {}).get(s)) for s in strides}
+        for flag in launched.out_of_range:
+            check_range(launched.codec, flag)
     except ValueError as error:
         raise PkdError(f"images {[item['image_id'] for item in batch]}: {error}") from None
+    features: list[dict[int, EncodedLevel]] = [{} for _ in batch]
+    for s, groups in launched.parts.items():
+        for indices, group in groups:
+            group = {name: values.numpy() for name, values in group.items()}
+            for k, i in enumerate(indices):
+                features[i][s] = EncodedLevel(launched.codec, {name: values[k] for name, values in group.items()})
+    statistics = {s: (total.numpy(), square.numpy()) for s, (total, square) in launched.statistics.items()}
     return [Sample(index=item["image_index"] * n_views + item["view_index"], image_id=item["image_id"],
-                   view_index=item["view_index"], image_hw=tuple(item["image_hw"]),
-                   features={s: encoded[s][i] for s in strides}, extras=item.get("extras", {}),
-                   statistics=statistics[i])
+                   view_index=item["view_index"], image_hw=tuple(item["image_hw"]), features=features[i],
+                   extras=item.get("extras", {}),
+                   statistics={s: {"sum": total[i], "sum_sq": square[i]} for s, (total, square) in statistics.items()})
             for i, item in enumerate(batch)]

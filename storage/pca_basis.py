@@ -29,12 +29,14 @@ LEVEL_POWER = 0.5  # a level of stride s gets DEFAULT_STEP * (finest / s) ** LEV
 @dataclass
 class LevelBasis:
     """One level's decorrelation: ``mean``, ``scale`` float32 (C,); ``components`` float32 (C, C) (orthonormal
-    columns by decreasing variance); ``step`` (float, channel std units)."""
+    columns by decreasing variance); ``step`` (float, channel std units); ``key``: names the basis where it came
+    from a store's side file (its sha256 and the stride), so a device can keep its copy (empty: not kept)."""
 
     mean: np.ndarray
     scale: np.ndarray
     components: np.ndarray
     step: float
+    key: str = ""
 
     @property
     def channels(self) -> int:
@@ -105,7 +107,7 @@ def read_side(data: bytes, channels: dict[int, int], where: str) -> dict[int, Le
     expected = {f"s{s}_{part}" for s in channels for part in ("mean", "scale", "components", "step")}
     if set(arrays) != expected:
         raise damaged(f"holds {sorted(arrays)[:6]}, expected the arrays of strides {sorted(channels)}")
-    bases = {}
+    bases, digest = {}, hashlib.sha256(data).hexdigest()
     for stride, c in channels.items():
         mean, scale, components, step = (arrays[f"s{stride}_{p}"] for p in ("mean", "scale", "components", "step"))
         shapes = [(mean, (c,)), (scale, (c,)), (components, (c, c))]
@@ -115,5 +117,5 @@ def read_side(data: bytes, channels: dict[int, int], where: str) -> dict[int, Le
         if not all(np.isfinite(a).all() for a in (mean, scale, components, step)) or (scale <= 0).any() \
                 or not float(step) > 0:
             raise damaged(f"stride {stride} holds non-finite values, a scale <= 0 or a step <= 0")
-        bases[stride] = LevelBasis(mean, scale, components, float(step))
+        bases[stride] = LevelBasis(mean, scale, components, float(step), key=f"{digest}/s{stride}")
     return bases

@@ -11,6 +11,8 @@ from pkd_offline.checkpoint import save_checkpoint
 from pkd_offline.data import CocoDetection
 from pkd_offline.errors import PkdError
 from pkd_offline.views import View, make_views
+from pkd_offline.projection import project_image
+from pkd_offline.pyramid import level_size
 from stages.extract import ExtractConfig, extract
 from stages.teachers import load_teacher
 from stages.verify import VerifyConfig, verify
@@ -232,3 +234,38 @@ def test_one_non_finite_value_is_found_and_its_image_named(value):
         stages.extract.run_teacher(PlantedTeacher(value), batch, [4, 8], torch.device("cpu"), 1, "fp16")
     samples = stages.extract.run_teacher(PlantedTeacher(1e4), batch, [4, 8], torch.device("cpu"), 1, "fp16")
     assert float(samples[1].features[8].parts["values"][2, 3, 1]) == 1e4
+
+
+class SeededTeacher:
+    """Seeded random maps (N, 4, 48/s, 48/s) at strides 4 and 8, whatever the images."""
+
+    def features(self, images):
+        generator = torch.Generator().manual_seed(len(images))
+        return {s: torch.randn(len(images), 4, 48 // s, 48 // s, generator=generator) for s in (4, 8)}, None
+
+
+def test_projected_levels_of_a_batch_with_mixed_valid_sizes_equal_each_images_own_projection():
+    """One padded size, three valid sizes (two images share one): each image's stored projection (at its own
+    size) and statistics are the ones ``project_image`` gives for that image alone."""
+    sizes = [(48, 48), (40, 28), (48, 48), (33, 47)]
+    batch = [{"image": torch.zeros(3, 48, 48), "image_id": i, "view_index": 0, "image_index": i, "image_hw": hw}
+             for i, hw in enumerate(sizes)]
+    teacher = SeededTeacher()
+    samples = stages.extract.run_teacher(teacher, batch, [4, 8], torch.device("cpu"), 1, "fp32", frozenset({4, 8}))
+    maps, _ = teacher.features(batch)
+    for sample, hw in zip(samples, sizes):
+        for s in (4, 8):
+            cross, total, square = project_image(maps[s][sample.index], level_size(hw, s))
+            np.testing.assert_array_equal(sample.features[s].parts["values"], cross.numpy())  # its own size
+            np.testing.assert_allclose(sample.statistics[s]["sum"], total.numpy(), rtol=1e-12)
+            np.testing.assert_allclose(sample.statistics[s]["sum_sq"], square.numpy(), rtol=1e-12)
+
+
+def test_a_value_past_the_codecs_range_is_reported_when_the_batch_is_finished():
+    """The fp16 range check is read back with the batch (not where it is launched) and names the batch's images."""
+    batch = [{"image": torch.zeros(3, 32, 32), "image_id": 100 + i, "view_index": 0, "image_index": i,
+              "image_hw": (32, 32)} for i in range(3)]
+    maps = stages.extract.teacher_levels(PlantedTeacher(1e6), batch, [4, 8], torch.device("cpu"))
+    launched = stages.extract.launch_encode(batch, maps, [4, 8], "fp16")
+    with pytest.raises(PkdError, match=r"images \[100, 101, 102\]: features exceed the fp16 range"):
+        stages.extract.finish(launched, 1)

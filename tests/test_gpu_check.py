@@ -74,7 +74,7 @@ def test_quick_check_of_a_projected_int8_store_gives_the_online_loss(tmp_path):
     # extract's second summary line, parsed: where its main loop waited (what isolates a slow extraction).
     phases = figures["extract"]["phase_seconds"]
     for name in ("zarr", "wds"):
-        assert set(phases[name]) == {"fit", "images", "teacher", "writers", "last_shards"}
+        assert set(phases[name]) == set(stages.extract.EXTRACT_PHASES)
         assert phases[name]["teacher"] > 0 and sum(phases[name].values()) <= figures["extract"]["seconds"][name]
 
 

@@ -249,3 +249,28 @@ def test_manifest_requires_a_side_record_for_pca_and_none_for_other_codecs(pca_s
                    {**raw, "codec": "int8"}):
         with pytest.raises(StoreError, match="codec_side"):
             Manifest.from_json(json.dumps(broken))
+
+
+def test_a_stores_basis_is_copied_to_the_device_once_and_decodes_as_numpy_does(monkeypatch):
+    """Bases read from a side file carry a key (the file's sha256 and the stride); the decoder keeps their device
+    copies, so a sample's decode does not copy the basis again. An unkeyed basis (a fresh fit) is never kept."""
+    import pkd_offline.stored_maps as stored_maps
+
+    maps = correlated_maps(6, seed=3)
+    side = side_bytes({4: fit_level_basis(maps[:4], 0.1), 8: fit_level_basis(maps[2:], 0.1)})
+    bases = read_side(side, {4: 32, 8: 32}, "test")
+    assert bases[4].key != bases[8].key and bases[4].key.startswith(__import__("hashlib").sha256(side).hexdigest())
+    monkeypatch.setattr(stored_maps, "_KEPT", {})
+    copies = []
+    real = torch.from_numpy
+    monkeypatch.setattr(stored_maps.torch, "from_numpy", lambda values: copies.append(1) or real(values))
+    codec = CODECS["pca"].bound(bases[8])
+    parts = codec.encode(maps[5])
+    decoded = [EncodedMap("pca", {n: real(v) for n, v in parts.items()}, bases[8]).decode("cpu") for _ in range(3)]
+    assert len(copies) == 3  # mean, scale, components: once for three decodes
+    np.testing.assert_allclose(decoded[2].numpy(), codec.decode(parts), rtol=0, atol=1e-4)
+    unkeyed = fit_level_basis(maps[:4], 0.1)
+    unkeyed_parts = CODECS["pca"].bound(unkeyed).encode(maps[5])
+    for _ in range(2):
+        EncodedMap("pca", {n: real(v) for n, v in unkeyed_parts.items()}, unkeyed).decode("cpu")
+    assert len(copies) == 3 + 6
