@@ -60,7 +60,7 @@ def test_quick_cpu_check_ends_with_one_whole_json_line(tmp_path):
 @pytest.mark.slow
 def test_quick_check_of_a_projected_int8_store_gives_the_online_loss(tmp_path):
     result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--quick",
-                             "--only", "synth,extract,loss", "--layout", "projected", "--codec", "int8",
+                             "--only", "synth,extract,loss,batch", "--layout", "projected", "--codec", "int8",
                              "--out", str(tmp_path), "--work", str(tmp_path / "work")],
                             capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -76,6 +76,11 @@ def test_quick_check_of_a_projected_int8_store_gives_the_online_loss(tmp_path):
     for name in ("zarr", "wds"):
         assert set(phases[name]) == set(stages.extract.EXTRACT_PHASES)
         assert phases[name]["teacher"] > 0 and sum(phases[name].values()) <= figures["extract"]["seconds"][name]
+    # the batch section: each piece of one batch's path timed, on the store's own projected strides
+    path = figures["batch_path"]
+    assert path["codec"] == "int8" and path["projected"] == [4, 8, 16] and sum(path["images_per_batch"]) == 8
+    assert all(path["ms_per_batch"][piece] > 0 for piece in ("forward", "teacher_levels", "encode_and_finish"))
+    assert path["launch_waits_for_device"] is None  # sync debug mode is CUDA's
 
 
 @pytest.fixture(scope="module")

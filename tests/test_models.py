@@ -64,3 +64,23 @@ def test_unknown_names_list_the_known_ones():
     with pytest.raises(PkdError, match="resnet50, resnet18, mobilenet_v3"):
         build_detector("retinanet", num_classes=3, backbone="vgg")
     assert set(STUDENTS) <= set(DETECTORS)
+
+
+def test_normalisation_equals_torchvisions_and_makes_its_constants_once_per_device_and_dtype(monkeypatch):
+    """The transform normalises as torchvision does, bit for bit, but builds mean and std once (built per image
+    they are copies from pageable memory, each waiting for a GPU's queue)."""
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    from pkd_offline.models.transform import NormalizeAndPad
+
+    transform = NormalizeAndPad()
+    image = torch.rand(3, 17, 23, generator=torch.Generator().manual_seed(0))
+    expected = GeneralizedRCNNTransform.normalize(transform, image)
+    made = []
+    real = torch.as_tensor
+    monkeypatch.setattr(torch, "as_tensor", lambda *a, **k: made.append(1) or real(*a, **k))
+    for _ in range(3):
+        assert torch.equal(transform.normalize(image), expected)
+    assert len(made) == 2  # mean and std, once
+    transform.normalize(image.double())
+    assert len(made) == 4  # another dtype: its own constants

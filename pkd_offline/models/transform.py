@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
@@ -23,6 +24,19 @@ class NormalizeAndPad(GeneralizedRCNNTransform):
 
     def resize(self, image: Tensor, target=None):
         return image, target
+
+    def normalize(self, image: Tensor) -> Tensor:
+        """torchvision's normalisation with the mean and std made once per device and dtype: made per image from
+        Python lists, each is a copy from pageable memory that waits for all work queued on a GPU."""
+        if not image.is_floating_point():
+            raise TypeError(f"expected a floating point image, got {image.dtype}")
+        key = (image.device, image.dtype)
+        constants = self.__dict__.setdefault("_constants", {})
+        if key not in constants:
+            constants[key] = tuple(torch.as_tensor(values, dtype=image.dtype).to(image.device)[:, None, None]
+                                   for values in (self.image_mean, self.image_std))
+        mean, std = constants[key]
+        return (image - mean) / std
 
     def normalization(self) -> dict:
         """The input normalisation, as recorded in a feature store's manifest."""
