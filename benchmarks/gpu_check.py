@@ -177,19 +177,27 @@ def section_extract(args, sizes: Sizes, work: Path, result: dict) -> None:
                                                    "wds": summaries["wds"]["bytes_per_image"]}}
 
 
-def section_forward(args, sizes: Sizes, work: Path, result: dict) -> None:
-    """Teacher backbone+FPN alone on inputs already on the device, batched as extract batches them
-    (same padded size, ``extract_batch_size``), in the precision extract uses; images/s."""
-    device = torch.device(args.device)
+def teacher_and_batches(sizes: Sizes, work: Path, device: torch.device) -> tuple[torch.nn.Module, list[list[dict]]]:
+    """The check's teacher on ``device`` and the training images' first views (dataset items, on the host) in
+    batches as extract makes them: one padded size each, at most ``extract_batch_size``."""
     dataset = CocoDetection(work / "data", "train", store_views(work / "f.zarr"))
     teacher, _ = load_teacher(TEACHER, checkpoint=None, random_init=True, variant=sizes.variant,
                               num_classes=dataset.num_classes)
     teacher.to(device)
     groups: dict[tuple, list] = {}
     for i in range(len(dataset)):
-        image = dataset[(i, 0)]["image"].to(device)
-        groups.setdefault(tuple(image.shape), []).append(image)
-    batches = [g[k:k + sizes.extract_batch_size] for g in groups.values() for k in range(0, len(g), sizes.extract_batch_size)]
+        item = dataset[(i, 0)]
+        groups.setdefault(tuple(item["image"].shape), []).append(item)
+    return teacher, [g[k:k + sizes.extract_batch_size] for g in groups.values()
+                     for k in range(0, len(g), sizes.extract_batch_size)]
+
+
+def section_forward(args, sizes: Sizes, work: Path, result: dict) -> None:
+    """Teacher backbone+FPN alone on inputs already on the device, batched as extract batches them
+    (same padded size, ``extract_batch_size``), in the precision extract uses; images/s."""
+    device = torch.device(args.device)
+    teacher, item_batches = teacher_and_batches(sizes, work, device)
+    batches = [[item["image"].to(device) for item in items] for items in item_batches]
     strides = [2 ** int(level) for level in LEVELS.split(",")]
     rates = []
     for round_index in range(sizes.forward_rounds + 1):
@@ -202,7 +210,7 @@ def section_forward(args, sizes: Sizes, work: Path, result: dict) -> None:
                     features[s].float()
         synchronize(device)
         if round_index > 0:  # round 0 warms up kernels and the allocator
-            rates.append(len(dataset) / (time.perf_counter() - tick))
+            rates.append(sum(map(len, batches)) / (time.perf_counter() - tick))
     result["forward"] = {"img_per_s": statistics.median(rates), "rounds": rates}
     steady = result.get("extract", {}).get("img_per_s_steady", {})
     if steady and all(steady.values()):
@@ -412,18 +420,10 @@ def section_batch(args, sizes: Sizes, work: Path, result: dict) -> None:
         side = read_side(existing_side(str(work / "f.zarr")), {level.stride: level.channels for level in manifest.levels},
                          "the check's store")
         bases = {stride: device_basis(basis, device) for stride, basis in side.items()}
-    dataset = CocoDetection(work / "data", "train", store_views(work / "f.zarr"))
-    teacher, _ = load_teacher(TEACHER, checkpoint=None, random_init=True, variant=sizes.variant,
-                              num_classes=dataset.num_classes)
-    teacher.to(device)
-    groups: dict[tuple, list] = {}
-    for i in range(len(dataset)):
-        item = dataset[(i, 0)]
-        if device.type == "cuda":
+    teacher, batches = teacher_and_batches(sizes, work, device)
+    if device.type == "cuda":
+        for item in (item for batch in batches for item in batch):
             item["image"] = item["image"].pin_memory()
-        groups.setdefault(tuple(item["image"].shape), []).append(item)
-    batches = [g[k:k + sizes.extract_batch_size] for g in groups.values()
-               for k in range(0, len(g), sizes.extract_batch_size)]
     times: dict[str, list[float]] = {"copy": [], "forward": [], "teacher_levels": [], "encode_and_finish": []}
 
     def timed(name: str | None, work_to_time):
