@@ -165,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"no train section for arm(s) {', '.join(unknown)} in {args.params}")
     data, runs = Path(study["data"]), Path(study["runs"])
-    teacher_runs = runs  # the teacher (and the store made from it) is the study's whatever the students' schedule
+    # The teacher (and the stores made from it): the study's whatever the students' schedule, or another study's
+    # (study.teacher_runs) when two settings share one teacher.
+    teacher_runs = Path(study.get("teacher_runs", runs))
     if args.iters is not None:
         if args.iters < 1:
             parser.error(f"--iters must be >= 1, got {args.iters}")

@@ -187,3 +187,40 @@ def test_iters_runs_every_student_at_that_length_beside_the_study_and_keeps_its_
     report = json.loads(out.read_text())
     assert report["iters"] == 750 and report["settings"]["baseline"]["iters"] == 750
     assert report["arms"]["offline_index"]["mAP"] == [0.65] and report["teacher"]["mAP"] == 0.8
+
+
+def test_a_study_with_teacher_runs_uses_that_teacher_and_trains_its_students_in_its_own_runs(tmp_path, monkeypatch):
+    """study.teacher_runs: two settings share one teacher (trained and evaluated in the other study's runs), so
+    this study trains no teacher and reports that one's mAP; its students land in its own runs. Commands are
+    recorded, not run."""
+    import study.run as study_run
+
+    shared, runs, store = tmp_path / "runs-a", tmp_path / "runs-b", tmp_path / "store.zarr"
+    params = {"study": {"seeds": [0], "arms": ["baseline"], "data": str(tmp_path / "data"), "runs": str(runs),
+                        "teacher_runs": str(shared), "store": str(store)},
+              "baseline": {"iters": 10}, "eval": {"split": "val"}}
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    (tmp_path / "data" / "annotations").mkdir(parents=True)
+    (tmp_path / "data" / "annotations" / "instances_val.json").write_text("{}")
+    (shared / "teacher").mkdir(parents=True)
+    (shared / "teacher" / "model.pt").write_bytes(b"")
+    (shared / "teacher" / "eval.json").write_text(json.dumps({"mAP": 0.77}))
+    commands = []
+
+    def record(args, log):
+        commands.append(args[3:])
+        out = Path(args[args.index("--out") + 1])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if args[3] == "eval":
+            out.write_text(json.dumps({"mAP": 0.6}))
+        else:
+            out.mkdir(exist_ok=True)
+            (out / "model.pt").write_bytes(b"")
+        return 1.0
+    monkeypatch.setattr(study_run, "run_command", record)
+    out = tmp_path / "study.json"
+    assert main(["--params", str(params_file), "--out", str(out), "--plot", str(tmp_path / "p.png")]) == 0
+    assert [c[0] for c in commands] == ["train", "eval"]  # the student only: the shared teacher is not trained again
+    assert Path(commands[0][commands[0].index("--out") + 1]) == runs / "baseline-seed0"
+    assert json.loads(out.read_text())["teacher"]["mAP"] == 0.77
