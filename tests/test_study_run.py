@@ -19,6 +19,33 @@ def _finish(runs, arm: str, seed: int, mAP: float) -> None:
     (out / "eval.json").write_text(json.dumps({"mAP": mAP, "AP50": 0.9}))
 
 
+def _ready_teacher_and_data(tmp_path: Path, teacher_runs: Path, mAP: float) -> None:
+    """The files by which the driver sees the data made and the teacher trained and evaluated."""
+    (tmp_path / "data" / "annotations").mkdir(parents=True)
+    (tmp_path / "data" / "annotations" / "instances_val.json").write_text("{}")
+    (teacher_runs / "teacher").mkdir(parents=True)
+    (teacher_runs / "teacher" / "model.pt").write_bytes(b"")
+    (teacher_runs / "teacher" / "eval.json").write_text(json.dumps({"mAP": mAP}))
+
+
+def _record_commands(monkeypatch, commands: list, mAP_of) -> None:
+    """Replace study.run's run_command by one that records each command and writes the files its real command
+    would (what the driver checks): a train's model.pt, an eval's eval.json with ``mAP_of(out)``."""
+    import study.run as study_run
+
+    def record(args, log):
+        commands.append(args[3:])
+        out = Path(args[args.index("--out") + 1])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if args[3] == "eval":
+            out.write_text(json.dumps({"mAP": mAP_of(out)}))
+        else:
+            out.mkdir(exist_ok=True)
+            (out / "model.pt").write_bytes(b"")
+        return 1.0
+    monkeypatch.setattr(study_run, "run_command", record)
+
+
 def test_run_command_appends_each_finished_steps_seconds_beside_its_log(tmp_path):
     logs = tmp_path / "logs"
     run_command([sys.executable, "-c", "print('one')"], logs / "baseline-seed0.log")
@@ -146,8 +173,6 @@ def test_iters_runs_every_student_at_that_length_beside_the_study_and_keeps_its_
     """--iters N: each student's train command gets --iters N and lands in RUNS-Nit; the teacher (trained, evaluated)
     and the store are the study's own, not made again; the report says the schedule. The commands are recorded, not
     run (each writes the files its real command would: what the driver checks)."""
-    import study.run as study_run
-
     runs = tmp_path / "runs"
     store = tmp_path / "store.zarr"
     params = {"study": {"seeds": [0], "arms": ["baseline", "offline_index"], "data": str(tmp_path / "data"),
@@ -156,26 +181,11 @@ def test_iters_runs_every_student_at_that_length_beside_the_study_and_keeps_its_
               "eval": {"split": "val"}}
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))
-    (tmp_path / "data" / "annotations").mkdir(parents=True)
-    (tmp_path / "data" / "annotations" / "instances_val.json").write_text("{}")
-    (runs / "teacher").mkdir(parents=True)
-    (runs / "teacher" / "model.pt").write_bytes(b"")
-    (runs / "teacher" / "eval.json").write_text(json.dumps({"mAP": 0.8}))
+    _ready_teacher_and_data(tmp_path, runs, 0.8)
     store.mkdir()
     (store / "manifest.json").write_text("{}")
     commands = []
-
-    def record(args, log):
-        commands.append(args[3:])
-        out = Path(args[args.index("--out") + 1])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if args[3] == "eval":
-            out.write_text(json.dumps({"mAP": 0.6 if "baseline" in str(out) else 0.65}))
-        else:
-            out.mkdir(exist_ok=True)
-            (out / "model.pt").write_bytes(b"")
-        return 1.0
-    monkeypatch.setattr(study_run, "run_command", record)
+    _record_commands(monkeypatch, commands, lambda out: 0.6 if "baseline" in str(out) else 0.65)
     out = tmp_path / "study-750it.json"
     assert main(["--params", str(params_file), "--iters", "750", "--out", str(out), "--plot",
                  str(tmp_path / "p.png")]) == 0
@@ -193,32 +203,15 @@ def test_a_study_with_teacher_runs_uses_that_teacher_and_trains_its_students_in_
     """study.teacher_runs: two settings share one teacher (trained and evaluated in the other study's runs), so
     this study trains no teacher and reports that one's mAP; its students land in its own runs. Commands are
     recorded, not run."""
-    import study.run as study_run
-
     shared, runs, store = tmp_path / "runs-a", tmp_path / "runs-b", tmp_path / "store.zarr"
     params = {"study": {"seeds": [0], "arms": ["baseline"], "data": str(tmp_path / "data"), "runs": str(runs),
                         "teacher_runs": str(shared), "store": str(store)},
               "baseline": {"iters": 10}, "eval": {"split": "val"}}
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))
-    (tmp_path / "data" / "annotations").mkdir(parents=True)
-    (tmp_path / "data" / "annotations" / "instances_val.json").write_text("{}")
-    (shared / "teacher").mkdir(parents=True)
-    (shared / "teacher" / "model.pt").write_bytes(b"")
-    (shared / "teacher" / "eval.json").write_text(json.dumps({"mAP": 0.77}))
+    _ready_teacher_and_data(tmp_path, shared, 0.77)
     commands = []
-
-    def record(args, log):
-        commands.append(args[3:])
-        out = Path(args[args.index("--out") + 1])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if args[3] == "eval":
-            out.write_text(json.dumps({"mAP": 0.6}))
-        else:
-            out.mkdir(exist_ok=True)
-            (out / "model.pt").write_bytes(b"")
-        return 1.0
-    monkeypatch.setattr(study_run, "run_command", record)
+    _record_commands(monkeypatch, commands, lambda out: 0.6)
     out = tmp_path / "study.json"
     assert main(["--params", str(params_file), "--out", str(out), "--plot", str(tmp_path / "p.png")]) == 0
     assert [c[0] for c in commands] == ["train", "eval"]  # the student only: the shared teacher is not trained again
