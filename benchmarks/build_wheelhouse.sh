@@ -30,6 +30,10 @@ PACKAGES=(
     "webdataset==1.0.2"
     "braceexpand==0.1.7"
     "pycocotools==2.0.11"
+    "pytest==9.0.3"  # gpu_check's cuda_tests section runs the GPU-only tests; pytest's own dependencies:
+    "pluggy==1.6.0"
+    "iniconfig==2.3.0"
+    "pygments==2.20.0"
 )
 
 mkdir -p "$WHEELHOUSE"

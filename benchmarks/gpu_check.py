@@ -160,17 +160,26 @@ def section_synth(args, sizes: Sizes, work: Path, result: dict) -> None:
 def section_extract(args, sizes: Sizes, work: Path, result: dict) -> None:
     """Whole-command seconds and the steady rate of ``extract`` into zarr and into WebDataset: samples per
     second from the first batch to the last shard written (the command's own summary line), so start-up
-    (imports, model build, CUDA init, workers) is left out and encoding and writing are in."""
-    seconds, rates, phases = {}, {}, {}
-    for name, out, extra in (("zarr", work / "f.zarr", ()), ("wds", work / "wds", ("--format", "wds"))):
+    (imports, model build, CUDA init, workers) is left out and encoding and writing are in. On CUDA also zarr
+    with ``--no-cuda-graphs`` (``zarr_eager``: the teacher launched kernel by kernel), side by side."""
+    seconds, rates, phases, graphs = {}, {}, {}, {}
+    runs = [("zarr", work / "f.zarr", ()), ("wds", work / "wds", ("--format", "wds"))]
+    if args.device == "cuda":
+        runs.append(("zarr_eager", work / "eager.zarr", ("--no-cuda-graphs",)))
+    for name, out, extra in runs:
         seconds[name], _, stderr = cli(extract_args(args, sizes, work / "data", out, *extra))
         match = EXTRACT_RATE.search(stderr)
         rates[name] = int(match.group(1)) / float(match.group(2)) if match else None
         phase_line = next((line for line in stderr.splitlines() if line.startswith("extract phases:")), "")
         phases[name] = {phase: float(value) for phase, value in EXTRACT_PHASE.findall(phase_line)}
-        log(f"  extract {name} {sizes.images} images: {seconds[name]:.1f} s, steady {rates[name] or 0:.1f} img/s")
+        graphs[name] = next((line.split("extract: ", 1)[1] for line in stderr.splitlines()
+                             if line.startswith("extract: cuda graphs")), None)
+        log(f"  extract {name} {sizes.images} images: {seconds[name]:.1f} s, steady {rates[name] or 0:.1f} img/s"
+            f"{'; ' + graphs[name] if graphs[name] else ''}")
     summaries = {name: describe(open_store(str(work / name)), digest=False) for name in ("f.zarr", "wds")}
-    result["extract"] = {"seconds": seconds, "img_per_s_steady": rates, "phase_seconds": phases,
+    result["extract"] = {"seconds": seconds, "img_per_s_steady": {k: v for k, v in rates.items() if k != "zarr_eager"},
+                         "img_per_s_steady_without_graphs": rates.get("zarr_eager"), "cuda_graphs": graphs,
+                         "phase_seconds": phases,
                          "img_per_s_whole_command": {name: sizes.images / value for name, value in seconds.items()},
                          "writer_threads": default_writer_threads(), "codec": summaries["f.zarr"]["codec"],
                          "store_bytes_per_image": {"zarr": summaries["f.zarr"]["bytes_per_image"],
@@ -194,29 +203,43 @@ def teacher_and_batches(sizes: Sizes, work: Path, device: torch.device) -> tuple
 
 def section_forward(args, sizes: Sizes, work: Path, result: dict) -> None:
     """Teacher backbone+FPN alone on inputs already on the device, batched as extract batches them
-    (same padded size, ``extract_batch_size``), in the precision extract uses; images/s."""
+    (same padded size, ``extract_batch_size``), in the precision extract uses; images/s launched kernel by
+    kernel (``forward``, the reference of ``extract_ratio_over_forward``) and, on CUDA, replayed from a graph
+    per batch shape as extract runs it (``forward_graphed``, captured in the warm-up round)."""
+    from pkd_offline.graphed_forward import graphed_backbone
+
     device = torch.device(args.device)
     teacher, item_batches = teacher_and_batches(sizes, work, device)
     batches = [[item["image"].to(device) for item in items] for items in item_batches]
     strides = [2 ** int(level) for level in LEVELS.split(",")]
-    rates = []
-    for round_index in range(sizes.forward_rounds + 1):
-        synchronize(device)
-        tick = time.perf_counter()
-        with torch.inference_mode(), teacher_autocast(device):
-            for batch in batches:
-                features, _ = teacher.features(batch)
-                for s in strides:
-                    features[s].float()
-        synchronize(device)
-        if round_index > 0:  # round 0 warms up kernels and the allocator
-            rates.append(sum(map(len, batches)) / (time.perf_counter() - tick))
-    result["forward"] = {"img_per_s": statistics.median(rates), "rounds": rates}
+    modes = {"forward": None}
+    if device.type == "cuda":
+        modes["forward_graphed"] = graphed_backbone(teacher, device)
+    for mode, backbone in modes.items():
+        rates = []
+        for round_index in range(sizes.forward_rounds + 1):
+            synchronize(device)
+            tick = time.perf_counter()
+            with torch.inference_mode(), teacher_autocast(device):
+                for batch in batches:
+                    features, _ = teacher.features(batch, backbone)
+                    for s in strides:
+                        features[s].float()
+            synchronize(device)
+            if round_index > 0:  # round 0 warms up kernels and the allocator (and captures the graphs)
+                rates.append(sum(map(len, batches)) / (time.perf_counter() - tick))
+        result[mode] = {"img_per_s": statistics.median(rates), "rounds": rates}
+        log(f"  {mode}: {result[mode]['img_per_s']:.1f} img/s")
     steady = result.get("extract", {}).get("img_per_s_steady", {})
     if steady and all(steady.values()):
         per_format = {name: rate / result["forward"]["img_per_s"] for name, rate in steady.items()}
         result["extract_ratio_over_forward_per_format"] = per_format
         result["extract_ratio_over_forward"] = min(per_format.values())
+        if "forward_graphed" in result:
+            result["extract_ratio_over_graphed_forward"] = min(steady.values()) / result["forward_graphed"]["img_per_s"]
+        eager = result["extract"].get("img_per_s_steady_without_graphs")
+        if eager:
+            result["extract_ratio_without_graphs_over_forward"] = eager / result["forward"]["img_per_s"]
 
 
 def section_verify(args, sizes: Sizes, work: Path, result: dict) -> None:
@@ -425,6 +448,13 @@ def section_batch(args, sizes: Sizes, work: Path, result: dict) -> None:
         for item in (item for batch in batches for item in batch):
             item["image"] = item["image"].pin_memory()
     times: dict[str, list[float]] = {"copy": [], "forward": [], "teacher_levels": [], "encode_and_finish": []}
+    backbone = None
+    if device.type == "cuda":  # as extract runs the teacher: one graph per batch shape
+        from pkd_offline.graphed_forward import graphed_backbone
+
+        backbone = graphed_backbone(teacher, device)
+        times.update(forward_graphed=[], teacher_levels_graphed=[])
+    graph_differences = []  # max |graphed - eager| over a batch's stored levels
 
     def timed(name: str | None, work_to_time):
         synchronize(device)
@@ -442,6 +472,13 @@ def section_batch(args, sizes: Sizes, work: Path, result: dict) -> None:
             with torch.inference_mode(), teacher_autocast(device):
                 timed(keep("forward"), lambda: teacher.features(images))
             maps = timed(keep("teacher_levels"), lambda: teacher_levels(teacher, batch, strides, device, projected))
+            if backbone is not None:
+                with torch.inference_mode(), teacher_autocast(device):
+                    timed(keep("forward_graphed"), lambda: teacher.features(images, backbone))
+                graphed = timed(keep("teacher_levels_graphed"),
+                                lambda: teacher_levels(teacher, batch, strides, device, projected, backbone))
+                graph_differences.append(max(float((a - b).abs().max()) for s in strides for (_, a), (_, b)
+                                             in zip(maps.levels[s], graphed.levels[s])))
             timed(keep("encode_and_finish"), lambda: finish(launch_encode(batch, maps, strides, manifest.codec, bases),
                                                             manifest.n_views))
     waits: Counter = Counter()
@@ -471,12 +508,27 @@ def section_batch(args, sizes: Sizes, work: Path, result: dict) -> None:
     result["batch_path"] = {"images_per_batch": [len(b) for b in batches], "codec": manifest.codec,
                             "projected": sorted(projected),
                             "ms_per_batch": {name: statistics.median(values) for name, values in times.items()},
-                            "launch_waits_for_device": dict(waits) if device.type == "cuda" else None}
+                            "launch_waits_for_device": dict(waits) if device.type == "cuda" else None,
+                            "graphed_max_abs_difference": max(graph_differences) if graph_differences else None,
+                            "graphs_captured": backbone.captures if backbone is not None else None}
+
+
+def section_cuda_tests(args, sizes: Sizes, work: Path, result: dict) -> None:
+    """The test files that need a GPU (skipped without one), run here by pytest: its summary line and exit code."""
+    files = ["tests/test_graphed_forward.py"]
+    process = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files], cwd=ROOT,
+                             capture_output=True, text=True, timeout=max(30.0, DEADLINE[0] - time.perf_counter()))
+    lines = process.stdout.strip().splitlines()
+    result["cuda_tests"] = {"files": files, "exit_code": process.returncode, "summary": lines[-1] if lines else "",
+                            "failures": [line for line in lines if line.startswith(("FAILED", "ERROR"))]}
+    log(f"  pytest {' '.join(files)}: {result['cuda_tests']['summary']}")
+    if process.returncode != 0:
+        print(process.stdout[-4000:], process.stderr[-2000:], file=sys.stderr)
 
 
 SECTIONS = {"synth": section_synth, "extract": section_extract, "forward": section_forward, "verify": section_verify,
             "steps": section_steps, "read": section_read, "loss": section_loss, "torchrun": section_torchrun,
-            "batch": section_batch}
+            "batch": section_batch, "cuda_tests": section_cuda_tests}
 
 
 def environment(args) -> dict:

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--on-error", dest="on_error", choices=("stop", "skip"))
     _bool_flag(extract, "--with-images", "also store image bytes and boxes (WebDataset)")
     _bool_flag(extract, "--overwrite", "replace a store of another job at --out")
+    extract.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
+                         help="run the teacher on CUDA without graphs (by default one is captured per batch shape)")
     extract.add_argument("--seed", type=int)
 
     train = commands.add_parser("train", help="stage two: train a detector (plain, offline PKD or online PKD)")

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from pkd_offline.data import CocoDetection, collate, file_sha256, read_image
 from pkd_offline.distributed import barrier, init_ranks, resolve_device
 from pkd_offline.errors import PkdError
+from pkd_offline.graphed_forward import graphed_backbone
 from pkd_offline.projection import RESIZE, project_images, projection_is_exact
 from pkd_offline.pyramid import level_size
 from pkd_offline.stored_maps import DEVICE_ENCODERS, check_range, device_basis
@@ -71,6 +72,7 @@ class ExtractConfig:
     overwrite: bool = False
     seed: int = 0
     progress: bool = True
+    cuda_graphs: bool = True  # on CUDA, the teacher replayed from a graph per batch shape (GraphedForward)
 
 
 def parse_levels(levels: str | None, teacher_strides: tuple[int, ...]) -> list[int]:
@@ -277,16 +279,16 @@ def first_batches(batches: list[list[tuple[int, int]]], samples: int) -> list[li
 
 
 def fit_side(teacher, loader: DataLoader, strides: list[int], device: torch.device, projected: frozenset[int],
-             step: float) -> tuple[bytes, list[tuple[list[dict], TeacherMaps]]]:
+             step: float, backbone=None) -> tuple[bytes, list[tuple[list[dict], TeacherMaps]]]:
     """The pca codec's side file, per stride a basis fitted on the stored maps (projections for the projected
     strides) of ``loader``'s batches (the store's first ``FIT_SAMPLES`` samples in shard order, whatever the
     number of ranks, so a re-run fits the same basis), and those batches with their maps as ``teacher_levels``
     gave them: rank 0 encodes the ones in its own shards (all of them when shard 0 holds them, as with one rank
     or at least ``FIT_SAMPLES`` samples per shard) and never runs those twice. PkdError naming the image if any
-    fitted value is NaN or Inf."""
+    fitted value is NaN or Inf. ``backbone``: as ``teacher_levels``."""
     fitted, moments = [], {}  # stride -> [positions, (C,) sums, (C, C) sums of products], float64 on the device
     for batch in loader:
-        maps = teacher_levels(teacher, batch, strides, device, projected)
+        maps = teacher_levels(teacher, batch, strides, device, projected, backbone)
         fitted.append((batch, maps))
         for stride in strides:
             for _, values in maps.levels[stride]:
@@ -316,6 +318,7 @@ def extract(cfg: ExtractConfig) -> Path | str:
     teacher, identity = load_teacher(cfg.teacher, checkpoint=cfg.checkpoint, random_init=cfg.random_init,
                                      variant=cfg.variant, num_classes=dataset.num_classes, seed=cfg.seed)
     teacher.to(device)
+    backbone = graphed_backbone(teacher, device, cfg.cuda_graphs)  # None: the teacher's own, launched per kernel
     if ranks.is_main:  # an MMDetection Swin teacher differs from MMDetection's own on small inputs: say so, once
         from pkd_offline.models.swin_window import warn_small_inputs
         warn_small_inputs(identity, [view_padded_size(*dataset.original_hw(i), view)
@@ -366,7 +369,7 @@ def extract(cfg: ExtractConfig) -> Path | str:
                 fit_shards = range(min(n_shards, -(-FIT_SAMPLES // cfg.samples_per_shard)))
                 fit_plan = first_batches(plan(fit_shards), FIT_SAMPLES)
                 side, fitted = fit_side(teacher, loader_of(fit_plan), strides, device, frozenset(projected),
-                                        cfg.pca_step)
+                                        cfg.pca_step, backbone)
                 phases["fit"] = time.perf_counter() - started
         writer = create_store(str(cfg.out), make_manifest(side_record(side)), overwrite=bool(cfg.overwrite),
                               side=side)
@@ -434,7 +437,7 @@ def extract(cfg: ExtractConfig) -> Path | str:
             else:
                 phases["images"] += time.perf_counter() - tick
             tick = time.perf_counter()
-            maps = teacher_levels(teacher, batch, strides, device, frozenset(projected))
+            maps = teacher_levels(teacher, batch, strides, device, frozenset(projected), backbone)
             phases["teacher"] += time.perf_counter() - tick
             encode_batch(batch, maps)
         while pending:
@@ -450,6 +453,9 @@ def extract(cfg: ExtractConfig) -> Path | str:
               f"({todo_samples / seconds:.1f} samples/s in this process)", file=sys.stderr)
         print("extract phases: " + ", ".join(f"{name} {value:.3f} s" for name, value in phases.items()),
               file=sys.stderr)
+        if backbone is not None:
+            print(f"extract: cuda graphs {backbone.captures} captured"
+                  + (f", not used: {backbone.failed}" if backbone.failed else ""), file=sys.stderr)
     barrier(ranks)
     if ranks.is_main:
         writer.finalize()
@@ -492,13 +498,14 @@ class TeacherMaps:
 
 @torch.inference_mode()
 def teacher_levels(teacher, batch: list[dict], strides: list[int], device: torch.device,
-                   projected: frozenset[int] = frozenset()) -> TeacherMaps:
+                   projected: frozenset[int] = frozenset(), backbone=None) -> TeacherMaps:
     """The teacher's FPN maps of one same-size batch (``TeacherMaps``), a stride in ``projected`` replaced by
     its projection for a student of twice the stride (``project_images``, one call per valid size in the
-    batch). Only launches work on the device: nothing here waits for it (``finish`` reads the checks)."""
+    batch). Only launches work on the device: nothing here waits for it (``finish`` reads the checks).
+    ``backbone``: a stand-in for the teacher's backbone+FPN (``graphed_backbone``; None: the teacher's own)."""
     images = [item["image"].to(device, non_blocking=True) for item in batch]
     with teacher_autocast(device):
-        features, _ = teacher.features(images)
+        features, _ = teacher.features(images, backbone)
     everyone = list(range(len(batch)))
     levels: dict[int, list[tuple[list[int], Tensor]]] = {}
     statistics: dict[int, tuple[Tensor, Tensor]] = {}

@@ -220,7 +220,7 @@ class PlantedTeacher:
     def __init__(self, value: float) -> None:
         self.value = value
 
-    def features(self, images):
+    def features(self, images, backbone=None):
         maps = {s: torch.zeros(len(images), 4, 32 // s, 32 // s) for s in (4, 8)}
         maps[8][1, 2, 3, 1] = self.value
         return maps, None
@@ -239,7 +239,7 @@ def test_one_non_finite_value_is_found_and_its_image_named(value):
 class SeededTeacher:
     """Seeded random maps (N, 4, 48/s, 48/s) at strides 4 and 8, whatever the images."""
 
-    def features(self, images):
+    def features(self, images, backbone=None):
         generator = torch.Generator().manual_seed(len(images))
         return {s: torch.randn(len(images), 4, 48 // s, 48 // s, generator=generator) for s in (4, 8)}, None
 

@@ -55,6 +55,9 @@ def test_quick_cpu_check_ends_with_one_whole_json_line(tmp_path):
     assert figures["torchrun"]["store_digest_equal_to_single_process"]
     assert (tmp_path / "gpu_check.json").read_text().strip() == last
     assert "section torchrun done" in (tmp_path / "gpu_check.log").read_text()
+    # the GPU-only tests ran (and, without a GPU, skipped themselves); the check's forward has no graphs off CUDA
+    assert figures["cuda_tests"]["exit_code"] == 0 and "skipped" in figures["cuda_tests"]["summary"]
+    assert "forward_graphed" not in figures and figures["extract"]["img_per_s_steady_without_graphs"] is None
 
 
 @pytest.mark.slow

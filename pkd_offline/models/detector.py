@@ -58,7 +58,9 @@ class FeatureDetector(nn.Module):
             handle.remove()
         return output, self._by_stride(captured[0])
 
-    def features(self, images: list[Tensor]) -> tuple[dict[int, Tensor], list[tuple[int, int]]]:
-        """Backbone+FPN only: ``({stride: (N, C, H/stride, W/stride)}, image_sizes)`` for (3, h, w) 0..1 images."""
+    def features(self, images: list[Tensor], backbone=None) -> tuple[dict[int, Tensor], list[tuple[int, int]]]:
+        """Backbone+FPN only: ``({stride: (N, C, H/stride, W/stride)}, image_sizes)`` for (3, h, w) 0..1 images;
+        ``backbone``: a stand-in for the backbone+FPN on the padded batch (e.g. a ``GraphedForward`` of it)."""
         image_list, _ = self.detector.transform(images)
-        return self._by_stride(self.detector.backbone(image_list.tensors)), image_list.image_sizes
+        pyramid = (backbone or self.detector.backbone)(image_list.tensors)
+        return self._by_stride(pyramid), image_list.image_sizes
