@@ -162,14 +162,17 @@ def section_extract(args, sizes: Sizes, work: Path, result: dict) -> None:
     second from the first batch to the last shard written (the command's own summary line), so start-up
     (imports, model build, CUDA init, workers) is left out and encoding and writing are in. On CUDA also zarr
     with ``--no-cuda-graphs`` (``zarr_eager``: the teacher launched kernel by kernel), side by side."""
-    seconds, rates, phases, graphs = {}, {}, {}, {}
-    runs = [("zarr", work / "f.zarr", ()), ("wds", work / "wds", ("--format", "wds"))]
+    seconds, rates, phases, graphs, steady_seconds = {}, {}, {}, {}, {}
+    runs = [("zarr", "data", work / "f.zarr", ()), ("wds", "data", work / "wds", ("--format", "wds")),
+            ("zarr_half", "half", work / "half_f.zarr", ())]
     if args.device == "cuda":
-        runs.append(("zarr_eager", work / "eager.zarr", ("--no-cuda-graphs",)))
-    for name, out, extra in runs:
-        seconds[name], _, stderr = cli(extract_args(args, sizes, work / "data", out, *extra))
+        runs += [("zarr_eager", "data", work / "eager.zarr", ("--no-cuda-graphs",)),
+                 ("zarr_eager_half", "half", work / "half_eager.zarr", ("--no-cuda-graphs",))]
+    for name, data, out, extra in runs:
+        seconds[name], _, stderr = cli(extract_args(args, sizes, work / data, out, *extra))
         match = EXTRACT_RATE.search(stderr)
         rates[name] = int(match.group(1)) / float(match.group(2)) if match else None
+        steady_seconds[name] = float(match.group(2)) if match else None
         phase_line = next((line for line in stderr.splitlines() if line.startswith("extract phases:")), "")
         phases[name] = {phase: float(value) for phase, value in EXTRACT_PHASE.findall(phase_line)}
         graphs[name] = next((line.split("extract: ", 1)[1] for line in stderr.splitlines()
@@ -177,7 +180,14 @@ def section_extract(args, sizes: Sizes, work: Path, result: dict) -> None:
         log(f"  extract {name} {sizes.images} images: {seconds[name]:.1f} s, steady {rates[name] or 0:.1f} img/s"
             f"{'; ' + graphs[name] if graphs[name] else ''}")
     summaries = {name: describe(open_store(str(work / name)), digest=False) for name in ("f.zarr", "wds")}
-    result["extract"] = {"seconds": seconds, "img_per_s_steady": {k: v for k, v in rates.items() if k != "zarr_eager"},
+    # The marginal rate: the images of the whole set beyond the half set over the steady seconds they added,
+    # so what every run pays once (the fit, kernel selection, the last shards) drops out, as on a COCO-size run.
+    marginal = {}
+    for name, whole, half in (("zarr", "zarr", "zarr_half"), ("zarr_eager", "zarr_eager", "zarr_eager_half")):
+        if steady_seconds.get(whole) and steady_seconds.get(half) and steady_seconds[whole] > steady_seconds[half]:
+            marginal[name] = (sizes.images - sizes.images // 2) / (steady_seconds[whole] - steady_seconds[half])
+    result["extract"] = {"seconds": seconds, "img_per_s_steady": {"zarr": rates["zarr"], "wds": rates["wds"]},
+                         "img_per_s_steady_all": rates, "img_per_s_marginal": marginal,
                          "img_per_s_steady_without_graphs": rates.get("zarr_eager"), "cuda_graphs": graphs,
                          "phase_seconds": phases,
                          "img_per_s_whole_command": {name: sizes.images / value for name, value in seconds.items()},
@@ -240,6 +250,8 @@ def section_forward(args, sizes: Sizes, work: Path, result: dict) -> None:
         eager = result["extract"].get("img_per_s_steady_without_graphs")
         if eager:
             result["extract_ratio_without_graphs_over_forward"] = eager / result["forward"]["img_per_s"]
+        result["extract_marginal_ratio_over_forward"] = {
+            name: rate / result["forward"]["img_per_s"] for name, rate in result["extract"]["img_per_s_marginal"].items()}
 
 
 def section_verify(args, sizes: Sizes, work: Path, result: dict) -> None:

@@ -50,6 +50,7 @@ class GraphedForward:
             except RuntimeError as error:  # a forward that cannot be captured (a host sync) runs as it is
                 self.failed = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
                 self.graphs.clear()
+                self.pool = None
                 print(f"cuda graphs: capture failed ({self.failed}); the forward runs without them", file=sys.stderr)
                 return self.forward(x)
         graph, static_input, static_outputs = self.graphs[key]
@@ -65,6 +66,7 @@ class GraphedForward:
             flat = torch.empty(shape.numel(), dtype=dtype, device=device)
             self.buffers[(name, dtype)] = flat
             self.graphs.clear()
+            self.pool = None  # the dropped graphs' pool goes with them: a new one starts with the next capture
         return _view(flat, shape)
 
     def _capture(self, x: Tensor, key: tuple, autocast: tuple[bool, torch.dtype]) -> None:
