@@ -13,6 +13,7 @@ caller gets copies of the outputs, valid after the next call.
 from __future__ import annotations
 
 import sys
+import time
 from typing import Callable
 
 import torch
@@ -37,6 +38,7 @@ class GraphedForward:
         self.buffers: dict[tuple[str, torch.dtype], Tensor] = {}  # (name, dtype) -> flat buffer shared by graphs
         self.pool = None
         self.captures = 0  # graphs captured (a grown buffer drops them all: they are captured again)
+        self.capture_seconds = 0.0  # host seconds spent capturing (warm-up run included)
         self.failed: str | None = None
 
     def __call__(self, x: Tensor) -> dict[str, Tensor]:
@@ -45,8 +47,10 @@ class GraphedForward:
         autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         key = (tuple(x.shape), x.dtype, x.device, autocast)
         if key not in self.graphs:
+            tick = time.perf_counter()
             try:
                 self._capture(x, key, autocast)
+                self.capture_seconds += time.perf_counter() - tick
             except RuntimeError as error:  # a forward that cannot be captured (a host sync) runs as it is
                 self.failed = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
                 self.graphs.clear()

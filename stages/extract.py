@@ -454,7 +454,8 @@ def extract(cfg: ExtractConfig) -> Path | str:
         print("extract phases: " + ", ".join(f"{name} {value:.3f} s" for name, value in phases.items()),
               file=sys.stderr)
         if backbone is not None:
-            print(f"extract: cuda graphs {backbone.captures} captured"
+            print(f"extract: cuda graphs {backbone.captures} captured in {backbone.capture_seconds:.3f} s (within the "
+                  f"fit and teacher phases)"
                   + (f", not used: {backbone.failed}" if backbone.failed else ""), file=sys.stderr)
     barrier(ranks)
     if ranks.is_main:
