@@ -70,3 +70,15 @@ def test_a_forward_that_waits_for_the_device_runs_as_it_is():
     torch.testing.assert_close(graphed(x)["0"], forward(x)["0"])
     assert graphed.failed is not None and not graphed.graphs
     torch.testing.assert_close(graphed(x * 3)["0"], forward(x * 3)["0"])
+
+
+def test_the_extract_flag_turns_graphs_off_and_they_are_on_by_default():
+    from pkd_offline.cli import _flags, build_parser
+    from pkd_offline.config import make_config
+    from stages.extract import ExtractConfig
+
+    def config(*flags):
+        return make_config(ExtractConfig, {}, _flags(build_parser().parse_args(["extract", *flags])))
+
+    assert config().cuda_graphs is True
+    assert config("--no-cuda-graphs").cuda_graphs is False
