@@ -160,9 +160,11 @@ def section_synth(args, sizes: Sizes, work: Path, result: dict) -> None:
 def section_extract(args, sizes: Sizes, work: Path, result: dict) -> None:
     """Whole-command seconds and the steady rate of ``extract`` into zarr and into WebDataset: samples per
     second from the first batch to the last shard written (the command's own summary line), so start-up
-    (imports, model build, CUDA init, workers) is left out and encoding and writing are in. On CUDA also zarr
-    with ``--no-cuda-graphs`` (``zarr_eager``: the teacher launched kernel by kernel), side by side."""
-    seconds, rates, phases, graphs, steady_seconds = {}, {}, {}, {}, {}
+    (imports, model build, CUDA init, workers) is left out and encoding and writing are in. Also zarr on the half
+    set (the marginal rate) and, on CUDA, both zarr runs with ``--no-cuda-graphs`` (``zarr_eager``: the teacher
+    launched kernel by kernel), side by side."""
+    images = {"data": sizes.images, "half": sizes.images // 2}  # section_synth's two sets
+    seconds, steady, phases, graphs = {}, {}, {}, {}  # steady: name -> (samples, seconds) of the summary line
     runs = [("zarr", "data", work / "f.zarr", ()), ("wds", "data", work / "wds", ("--format", "wds")),
             ("zarr_half", "half", work / "half_f.zarr", ())]
     if args.device == "cuda":
@@ -171,26 +173,27 @@ def section_extract(args, sizes: Sizes, work: Path, result: dict) -> None:
     for name, data, out, extra in runs:
         seconds[name], _, stderr = cli(extract_args(args, sizes, work / data, out, *extra))
         match = EXTRACT_RATE.search(stderr)
-        rates[name] = int(match.group(1)) / float(match.group(2)) if match else None
-        steady_seconds[name] = float(match.group(2)) if match else None
+        steady[name] = (int(match.group(1)), float(match.group(2))) if match else None
         phase_line = next((line for line in stderr.splitlines() if line.startswith("extract phases:")), "")
         phases[name] = {phase: float(value) for phase, value in EXTRACT_PHASE.findall(phase_line)}
         graphs[name] = next((line.split("extract: ", 1)[1] for line in stderr.splitlines()
                              if line.startswith("extract: cuda graphs")), None)
-        log(f"  extract {name} {sizes.images} images: {seconds[name]:.1f} s, steady {rates[name] or 0:.1f} img/s"
+        rate = steady[name][0] / steady[name][1] if steady[name] else 0.0
+        log(f"  extract {name} {images[data]} images: {seconds[name]:.1f} s, steady {rate:.1f} img/s"
             f"{'; ' + graphs[name] if graphs[name] else ''}")
+    rates = {name: value[0] / value[1] if value else None for name, value in steady.items()}
     summaries = {name: describe(open_store(str(work / name)), digest=False) for name in ("f.zarr", "wds")}
-    # The marginal rate: the images of the whole set beyond the half set over the steady seconds they added,
+    # The marginal rate: the samples of the whole set beyond the half set over the steady seconds they added,
     # so what every run pays once (the fit, kernel selection, the last shards) drops out, as on a COCO-size run.
     marginal = {}
-    for name, whole, half in (("zarr", "zarr", "zarr_half"), ("zarr_eager", "zarr_eager", "zarr_eager_half")):
-        if steady_seconds.get(whole) and steady_seconds.get(half) and steady_seconds[whole] > steady_seconds[half]:
-            marginal[name] = (sizes.images - sizes.images // 2) / (steady_seconds[whole] - steady_seconds[half])
+    for name, half in (("zarr", "zarr_half"), ("zarr_eager", "zarr_eager_half")):
+        if steady.get(name) and steady.get(half) and steady[name][1] > steady[half][1]:
+            marginal[name] = (steady[name][0] - steady[half][0]) / (steady[name][1] - steady[half][1])
     result["extract"] = {"seconds": seconds, "img_per_s_steady": {"zarr": rates["zarr"], "wds": rates["wds"]},
                          "img_per_s_steady_all": rates, "img_per_s_marginal": marginal,
                          "img_per_s_steady_without_graphs": rates.get("zarr_eager"), "cuda_graphs": graphs,
                          "phase_seconds": phases,
-                         "img_per_s_whole_command": {name: sizes.images / value for name, value in seconds.items()},
+                         "img_per_s_whole_command": {name: images[data] / seconds[name] for name, data, _, _ in runs},
                          "writer_threads": default_writer_threads(), "codec": summaries["f.zarr"]["codec"],
                          "store_bytes_per_image": {"zarr": summaries["f.zarr"]["bytes_per_image"],
                                                    "wds": summaries["wds"]["bytes_per_image"]}}
@@ -460,11 +463,11 @@ def section_batch(args, sizes: Sizes, work: Path, result: dict) -> None:
         for item in (item for batch in batches for item in batch):
             item["image"] = item["image"].pin_memory()
     times: dict[str, list[float]] = {"copy": [], "forward": [], "teacher_levels": [], "encode_and_finish": []}
-    backbone = None
+    backbones = {"": None}  # timing-name suffix -> the teacher's backbone stand-in (None: its own)
     if device.type == "cuda":  # as extract runs the teacher: one graph per batch shape
         from pkd_offline.graphed_forward import graphed_backbone
 
-        backbone = graphed_backbone(teacher, device)
+        backbones["_graphed"] = graphed_backbone(teacher, device)
         times.update(forward_graphed=[], teacher_levels_graphed=[])
     graph_differences = []  # max |graphed - eager| over a batch's stored levels
 
@@ -481,16 +484,16 @@ def section_batch(args, sizes: Sizes, work: Path, result: dict) -> None:
         for batch in batches:
             keep = (lambda name: name) if round_index else (lambda name: None)  # round 0 warms up
             images = timed(keep("copy"), lambda: [item["image"].to(device, non_blocking=True) for item in batch])
-            with torch.inference_mode(), teacher_autocast(device):
-                timed(keep("forward"), lambda: teacher.features(images))
-            maps = timed(keep("teacher_levels"), lambda: teacher_levels(teacher, batch, strides, device, projected))
-            if backbone is not None:
+            levels = {}
+            for suffix, backbone in backbones.items():
                 with torch.inference_mode(), teacher_autocast(device):
-                    timed(keep("forward_graphed"), lambda: teacher.features(images, backbone))
-                graphed = timed(keep("teacher_levels_graphed"),
-                                lambda: teacher_levels(teacher, batch, strides, device, projected, backbone))
+                    timed(keep("forward" + suffix), lambda: teacher.features(images, backbone))
+                levels[suffix] = timed(keep("teacher_levels" + suffix),
+                                       lambda: teacher_levels(teacher, batch, strides, device, projected, backbone))
+            maps = levels[""]
+            if "_graphed" in levels:
                 graph_differences.append(max(float((a - b).abs().max()) for s in strides for (_, a), (_, b)
-                                             in zip(maps.levels[s], graphed.levels[s])))
+                                             in zip(maps.levels[s], levels["_graphed"].levels[s])))
             timed(keep("encode_and_finish"), lambda: finish(launch_encode(batch, maps, strides, manifest.codec, bases),
                                                             manifest.n_views))
     waits: Counter = Counter()
@@ -522,7 +525,7 @@ def section_batch(args, sizes: Sizes, work: Path, result: dict) -> None:
                             "ms_per_batch": {name: statistics.median(values) for name, values in times.items()},
                             "launch_waits_for_device": dict(waits) if device.type == "cuda" else None,
                             "graphed_max_abs_difference": max(graph_differences) if graph_differences else None,
-                            "graphs_captured": backbone.captures if backbone is not None else None}
+                            "graphs_captured": backbones["_graphed"].captures if "_graphed" in backbones else None}
 
 
 def section_cuda_tests(args, sizes: Sizes, work: Path, result: dict) -> None:

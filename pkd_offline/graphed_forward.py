@@ -53,8 +53,7 @@ class GraphedForward:
                 self.capture_seconds += time.perf_counter() - tick
             except RuntimeError as error:  # a forward that cannot be captured (a host sync) runs as it is
                 self.failed = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-                self.graphs.clear()
-                self.pool = None
+                self._drop_graphs()
                 print(f"cuda graphs: capture failed ({self.failed}); the forward runs without them", file=sys.stderr)
                 return self.forward(x)
         graph, static_input, static_outputs = self.graphs[key]
@@ -69,9 +68,14 @@ class GraphedForward:
         if flat is None or flat.numel() < shape.numel():
             flat = torch.empty(shape.numel(), dtype=dtype, device=device)
             self.buffers[(name, dtype)] = flat
-            self.graphs.clear()
-            self.pool = None  # the dropped graphs' pool goes with them: a new one starts with the next capture
+            self._drop_graphs()
         return _view(flat, shape)
+
+    def _drop_graphs(self) -> None:
+        """Forget every graph, and their pool with them (a capture into the pool of dropped graphs trips PyTorch's
+        allocator): the next capture starts a new one."""
+        self.graphs.clear()
+        self.pool = None
 
     def _capture(self, x: Tensor, key: tuple, autocast: tuple[bool, torch.dtype]) -> None:
         device = x.device
