@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from pkd_offline.errors import PkdError
+from pkd_offline.packed_batch import PackedBatch, pack_batch
 from pkd_offline.views import View, apply_view
 from storage.files import sha256_local_file
 
@@ -188,6 +189,11 @@ class ViewSampler(Sampler):
         return max(0, len(range(self.rank, self.num_images, self.num_replicas)) - self.skip)
 
 
-def collate(items: list[dict]) -> list[dict]:
-    """Keep a batch as a list of items; detectors batch (normalise and pad) images themselves."""
+def collate(items: list[dict]) -> list[dict] | PackedBatch:
+    """Keep a batch as a list of items; detectors batch (normalise and pad) images themselves.
+
+    In a DataLoader worker the batch is packed (``pkd_offline.packed_batch``): it reaches the main process
+    as one shared-memory tensor per dtype and unpacks there to the same list of items, tensors as views."""
+    if get_worker_info() is not None:
+        return pack_batch(items)
     return items
