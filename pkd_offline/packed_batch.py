@@ -10,12 +10,16 @@ batch is one segment per dtype, written where the worker is, and the main proces
 
 ``pack_batch(items)`` (in a worker) gives a :class:`PackedBatch`; pickling it carries only the flat
 tensors and the batch's structure, and unpickling gives back a plain ``list`` of the same items,
-every tensor a view of its dtype's flat tensor (same shape, dtype and values). Containers walked:
-dict, list, tuple and dataclass instances (e.g. ``EncodedMap``); anything else travels as it is.
+every tensor a view of its dtype's flat tensor (same shape, dtype and values; contiguous, so a
+channels-last layout is not kept, and a tensor that appears twice comes back as two). Containers
+walked: dict, list, tuple (named tuples too) and dataclass instances (e.g. ``EncodedMap``; rebuilt
+without calling ``__init__``). Anything else travels as it is, and so does a tensor that packing would
+change: a subclass (e.g. torchvision's tv_tensors), one that requires grad, a quantized or sparse one.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -60,11 +64,19 @@ def pack_batch(items: list, *, shared: bool = True) -> PackedBatch:
     skeleton = _replace_tensors(list(items), slot)
     flat = {}
     for dtype, parts in groups.items():
-        out = torch.empty(sizes[dtype], dtype=dtype)
-        if shared:
-            out.share_memory_()
+        if shared:  # allocated in shared memory at once (as the DataLoader's default collate does), not copied there
+            out = parts[0].new(parts[0]._typed_storage()._new_shared(sizes[dtype], device="cpu"))
+        else:
+            out = torch.empty(sizes[dtype], dtype=dtype)
         flat[dtype] = torch.cat(parts, out=out)
     return PackedBatch(flat, skeleton)
+
+
+def _packable(tensor: Tensor) -> bool:
+    """Whether a view of a flat tensor can stand for ``tensor``: a plain, strided, non-quantized CPU tensor
+    that does not require grad."""
+    return (type(tensor) is Tensor and tensor.layout == torch.strided and not tensor.is_quantized
+            and not tensor.requires_grad and tensor.device.type == "cpu")
 
 
 def unpack_batch(flat: dict[torch.dtype, Tensor], skeleton: list) -> list:
@@ -80,7 +92,7 @@ def unpack_batch(flat: dict[torch.dtype, Tensor], skeleton: list) -> list:
 
 def _replace_tensors(value: Any, slot) -> Any:
     if isinstance(value, Tensor):
-        return slot(value)
+        return slot(value) if _packable(value) else value
     return _rebuild(value, lambda inner: _replace_tensors(inner, slot))
 
 
@@ -93,19 +105,25 @@ def _replace_slots(value: Any, tensor) -> Any:
 def _rebuild(value: Any, convert) -> Any:
     """``value`` with ``convert`` applied to what it holds: a dict, list, tuple or dataclass instance comes back
     as a new one of its type where anything inside changed, as itself where nothing did (e.g. a pca basis of
-    numpy arrays, shared by every sample, stays one object); anything else as itself."""
-    if isinstance(value, dict):
+    numpy arrays, shared by every sample, stays one object); anything else, dict and list subclasses included
+    (a defaultdict's factory would be lost), as itself."""
+    if type(value) is dict:
         converted = {key: convert(inner) for key, inner in value.items()}
-        return value if all(converted[key] is inner for key, inner in value.items()) else type(value)(converted)
-    if isinstance(value, (list, tuple)):
+        return value if all(converted[key] is inner for key, inner in value.items()) else converted
+    if type(value) is list or isinstance(value, tuple):
         converted = [convert(inner) for inner in value]
         if all(a is b for a, b in zip(converted, value)):
             return value
-        return type(value)(converted) if not hasattr(value, "_fields") else type(value)(*converted)
+        if type(value) is list or type(value) is tuple:
+            return type(value)(converted)
+        return type(value)(*converted) if hasattr(value, "_fields") else type(value)(converted)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.init}
-        converted = {name: convert(inner) for name, inner in fields.items()}
-        if all(converted[name] is inner for name, inner in fields.items()):
+        fields = [f.name for f in dataclasses.fields(value)]
+        converted = {name: convert(getattr(value, name)) for name in fields}
+        if all(converted[name] is getattr(value, name) for name in fields):
             return value
-        return dataclasses.replace(value, **converted)
+        rebuilt = copy.copy(value)  # no __init__ / __post_init__: they would see placeholders
+        for name, inner in converted.items():
+            object.__setattr__(rebuilt, name, inner)  # frozen dataclasses too
+        return rebuilt
     return value

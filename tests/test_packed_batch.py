@@ -1,5 +1,6 @@
+import dataclasses
 import pickle
-from collections import namedtuple
+from collections import defaultdict, namedtuple
 from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
@@ -26,8 +27,10 @@ def make_item(index: int, basis: LevelBasis) -> dict:
                    "image_id": torch.tensor(100 + index)},
         "teacher_features": {4: torch.randn(6, 4, 4, generator=generator),
                              8: torch.randn(6, 2, 2, generator=generator)[:, :, :1]},  # not contiguous
-        "teacher_sums": {4: Pair(torch.randn(6, dtype=torch.float64, generator=generator),
-                                 torch.randn(6, dtype=torch.float64, generator=generator))},
+        "teacher_sums": {4: (torch.randn(6, dtype=torch.float64, generator=generator),
+                             torch.randn(6, dtype=torch.float64, generator=generator)),
+                         8: Pair(torch.randn(2, dtype=torch.float64, generator=generator),
+                                 torch.randn(2, dtype=torch.float64, generator=generator))},
         "encoded": EncodedMap("int8", {"values": torch.randint(-128, 127, (6, 3, 3), dtype=torch.int8,
                                                                generator=generator),
                                        "scale": torch.rand(6, generator=generator)}, basis),
@@ -119,3 +122,40 @@ def test_a_dataloader_with_workers_gives_the_items_of_one_without_them(basis):
     for batch in workers:  # packed in the worker: a batch is one segment per dtype, not one per tensor
         assert len({t.untyped_storage().data_ptr() for t in tensors_of(batch) if t.numel()}) == 4
     assert isinstance(pack_batch([]), PackedBatch) and pickle.loads(pickle.dumps(pack_batch([]))) == []
+
+
+class MarkedTensor(torch.Tensor):
+    """A tensor subclass: packing would turn it into a plain tensor, so it must travel as it is."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """A frozen dataclass whose __post_init__ refuses anything but a tensor and derives a field from it."""
+
+    values: torch.Tensor
+    count: int = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.values, torch.Tensor):
+            raise TypeError("values must be a tensor")
+        object.__setattr__(self, "count", self.values.numel())
+
+
+def test_what_packing_would_change_travels_as_it_is():
+    generator = torch.Generator().manual_seed(5)
+    grad = torch.rand(3, generator=generator).requires_grad_()
+    marked = torch.rand(2, 2, generator=generator).as_subclass(MarkedTensor)
+    counts = defaultdict(list, {"a": torch.arange(3)})
+    items = [{"grad": grad, "marked": marked, "counts": counts, "plain": torch.rand(4, generator=generator),
+              "ids": torch.arange(2), "checked": Checked(torch.arange(5))}]
+    received = pickle.loads(pickle.dumps(pack_batch(items, shared=False)))[0]
+    assert received["grad"].requires_grad and torch.equal(received["grad"].detach(), grad.detach())
+    assert type(received["marked"]) is MarkedTensor and torch.equal(received["marked"], marked)
+    assert type(received["counts"]) is defaultdict and received["counts"].default_factory is list
+    assert torch.equal(received["counts"]["a"], counts["a"])
+    assert type(received["plain"]) is torch.Tensor and torch.equal(received["plain"], items[0]["plain"])
+    # A dataclass is rebuilt around the views without __init__ (which would have seen placeholders when packing).
+    assert type(received["checked"]) is Checked and received["checked"].count == 5
+    assert torch.equal(received["checked"].values, torch.arange(5))
+    storage = received["checked"].values.untyped_storage().data_ptr()
+    assert storage == received["ids"].untyped_storage().data_ptr(), "the dataclass's tensor must have been packed"
