@@ -17,7 +17,7 @@ from stages.synth import SynthConfig, synth
 
 def nested_data(work: Path, small: int, large: int, image_size: int, seed: int = 0) -> tuple[Path, Path]:
     """(small set, large set) under ``work``, COCO layout (``train`` split of ``small`` and ``large`` images; the
-    ``val`` split is the large set's). The extra images are ``extra_image_ids(small_set, large_set)``."""
+    ``val`` split is the large set's). The images the large set adds: ``added_indices``."""
     large_set = synth(SynthConfig(out=work / f"data-{large}", train=large, val=2, image_size=image_size, seed=seed))
     small_set = work / f"data-{small}-of-{large}"
     (small_set / "annotations").mkdir(parents=True, exist_ok=True)
@@ -35,9 +35,9 @@ def nested_data(work: Path, small: int, large: int, image_size: int, seed: int =
     return small_set, large_set
 
 
-def extra_image_ids(small_set: Path, large_set: Path) -> list[int]:
-    """Image ids of the large set's train split beyond the small set's, in the large set's order."""
-    def ids(root: Path) -> list[int]:
-        return [image["id"] for image in json.loads((root / "annotations" / "instances_train.json").read_text())["images"]]
-    kept = set(ids(small_set))
-    return [i for i in ids(large_set) if i not in kept]
+def added_indices(dataset, small_set: Path) -> list[int]:
+    """Indices into ``dataset`` (a CocoDetection of the large set's train split) of the images the small set
+    lacks: the ones the larger run adds, in the dataset's order."""
+    coco = json.loads((small_set / "annotations" / "instances_train.json").read_text())
+    kept = {image["id"] for image in coco["images"]}
+    return [index for index, image_id in enumerate(dataset.image_ids) if image_id not in kept]

@@ -123,7 +123,7 @@ def bench_paper_extraction(args, work: Path) -> dict:
     ``FIT_SAMPLES`` samples, so the pca fit (the store's first 32 samples: their moments, once per store, like
     start-up) is the same in both and cancels too, as it does at COCO size (32 of 118k samples).
     ``args.paper_extract_images``: the two runs' image counts."""
-    from nested_data import extra_image_ids, nested_data  # beside this file, as run.py imports paper_pair
+    from nested_data import added_indices, nested_data  # beside this file, as run.py imports paper_pair
 
     device = torch.device(args.device)
     small, large = args.paper_extract_images
@@ -134,7 +134,7 @@ def bench_paper_extraction(args, work: Path) -> dict:
     teacher.to(device)
     # The extra images, same-size ones batched together as extraction batches them (a mixed batch would pad, and
     # the forward alone would then do more work than extraction does).
-    extra = [dataset.image_ids.index(image_id) for image_id in extra_image_ids(data, more)]
+    extra = added_indices(dataset, data)
     images = sorted((dataset[(i, 0)]["image"] for i in extra), key=lambda image: tuple(image.shape))
     with torch.inference_mode():  # warm-up: the first forward of each size selects kernels, as extraction's fit does
         for shape in {tuple(image.shape) for image in images}:

@@ -76,7 +76,7 @@ def bench_extraction(args, checkpoint: Path, work: Path) -> dict:
     teacher forward alone on the same preloaded inputs. The extract rate is marginal: the time of
     a run on 2x the images minus a run on 1x (its first half, ``nested_data``), so start-up (model load,
     worker spawn) cancels; the forward alone runs on the images the larger run adds."""
-    from nested_data import extra_image_ids, nested_data
+    from nested_data import added_indices, nested_data
 
     device = torch.device(args.device)
     teacher, _ = load_teacher("swin", checkpoint=checkpoint, random_init=False, variant=args.variant, num_classes=7)
@@ -84,7 +84,7 @@ def bench_extraction(args, checkpoint: Path, work: Path) -> dict:
     data, double = nested_data(work / "extraction-data", args.images, 2 * args.images, args.image_size)
     cfg = extract_config(args, double, work / "extract.zarr", checkpoint, codec=STRESS_CODEC)
     dataset = CocoDetection(double, "train", store_views_of(cfg))
-    extra = [dataset.image_ids.index(image_id) for image_id in extra_image_ids(data, double)]
+    extra = added_indices(dataset, data)
     batches = [[dataset[(i, v)] for i in extra[start:start + 4] for v in (0, 1)] for start in range(0, len(extra), 4)]
     with torch.inference_mode():  # warm-up: the first forward of each size selects kernels
         teacher.features([item["image"].to(device) for item in batches[0]])

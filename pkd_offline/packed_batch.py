@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -82,10 +83,7 @@ def _packable(tensor: Tensor) -> bool:
 def unpack_batch(flat: dict[torch.dtype, Tensor], skeleton: list) -> list:
     """The items ``pack_batch`` packed, each tensor a view of ``flat[dtype]``."""
     def tensor(where: _Slot) -> Tensor:
-        size = 1
-        for extent in where.shape:
-            size *= extent
-        return flat[where.dtype][where.offset:where.offset + size].view(where.shape)
+        return flat[where.dtype][where.offset:where.offset + math.prod(where.shape)].view(where.shape)
 
     return _replace_slots(skeleton, tensor)
 
