@@ -41,7 +41,7 @@ from pkd_offline.data import CocoDetection, ViewSampler, collate  # noqa: E402
 from pkd_offline.engine import Distillation, training_step  # noqa: E402
 from pkd_offline.levels import pair_levels  # noqa: E402
 from pkd_offline.models import build_detector  # noqa: E402
-from stages.extract import ExtractConfig, extract  # noqa: E402
+from stages.extract import FIT_SAMPLES, ExtractConfig, extract  # noqa: E402
 from stages.store_data import StoreJoinedDataset, StoreStream, store_views  # noqa: E402
 from stages.synth import SynthConfig, synth  # noqa: E402
 from stages.teachers import load_teacher  # noqa: E402
@@ -316,6 +316,18 @@ def bench_synth(work: Path) -> dict:
     return {"default_set_seconds": time.perf_counter() - tick, "images": 80}
 
 
+def extract_image_counts(text: str) -> tuple[int, int]:
+    """``--extract-images SMALL,LARGE``: two image counts, both past the pca fit's samples, SMALL below LARGE."""
+    try:
+        small, large = (int(n) for n in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SMALL,LARGE (two whole numbers), got {text!r}") from None
+    if not FIT_SAMPLES < small < large:
+        raise argparse.ArgumentTypeError(f"need {FIT_SAMPLES} < SMALL < LARGE (both runs past the pca fit's "
+                                         f"{FIT_SAMPLES} samples), got {text!r}")
+    return small, large
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -329,7 +341,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--codec", help=f"--pair paper: the stores' codec (default {DEFAULT_CODEC})")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--extract-images", type=lambda text: tuple(int(n) for n in text.split(",")),
+    parser.add_argument("--extract-images", type=extract_image_counts,
                         help="--pair paper: the two extraction runs' image counts, SMALL,LARGE (default 40,72; "
                              "quick 40,56); more images, less noise in the marginal rate")
     args = parser.parse_args()
