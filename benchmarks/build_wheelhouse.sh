@@ -20,21 +20,14 @@ PYTHON=${PYTHON:-python3}
 WHEELHOUSE=${WHEELHOUSE:-.whl}
 PYTHON_VERSION=${PYTHON_VERSION:-3.12}
 
-# name==version: the versions this project is tested with (pip list here); their own runtime
-# dependencies are listed too (zarr: donfig, google-crc32c, numcodecs; webdataset: braceexpand).
-PACKAGES=(
-    "zarr==3.1.6"
-    "numcodecs==0.16.6"
-    "donfig==0.8.1.post1"
-    "google-crc32c==1.9.0"
-    "webdataset==1.0.2"
-    "braceexpand==0.1.7"
-    "pycocotools==2.0.11"
-    "pytest==9.0.3"  # gpu_check's cuda_tests section runs the GPU-only tests; pytest's own dependencies:
-    "pluggy==1.6.0"
-    "iniconfig==2.3.0"
-    "pygments==2.20.0"
-)
+# The packages such a node lacks (their own runtime dependencies too: zarr's donfig, google-crc32c, numcodecs;
+# webdataset's braceexpand; pytest's, for gpu_check's cuda_tests section), at the versions constraints.txt pins.
+NAMES=(zarr numcodecs donfig google-crc32c webdataset braceexpand pycocotools pytest pluggy iniconfig pygments)
+PACKAGES=()
+for name in "${NAMES[@]}"; do
+    pin=$(grep -i -E "^${name}==" constraints.txt) || { echo "build_wheelhouse: $name is not pinned in constraints.txt" >&2; exit 1; }
+    PACKAGES+=("$pin")
+done
 
 mkdir -p "$WHEELHOUSE"
 rm -f "$WHEELHOUSE"/*.whl

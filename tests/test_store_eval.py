@@ -136,15 +136,52 @@ def test_eval_from_a_val_store_equals_eval_from_the_directory(val, capsys):
     assert json.loads(capsys.readouterr().out) == pytest.approx(from_directory, abs=1e-12)
 
 
-def test_training_from_the_store_alone_evaluates_on_the_val_store(val):
-    settings = {**SMALL, "iters": 2, "val_split": "val", "eval_every": 1}
-    train(TrainConfig(data=val["data"], features=val["train_store"], out=val["root"] / "dir_eval", **settings))
+def truth_boxes(truth) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """A ground truth's (image id, category id) per annotation and its boxes (x, y, w, h px), in one sorted order."""
+    rows = sorted((a["image_id"], a["category_id"], *a["bbox"]) for a in truth.coco.dataset["annotations"])
+    return [row[:2] for row in rows], np.array([row[2:] for row in rows])
+
+
+def test_training_from_the_store_alone_evaluates_on_the_val_store(val, monkeypatch):
+    """Two runs resumed from one checkpoint that detects (its class bias raised, as in the fixture) evaluate during
+    training, one on the data directory, one on the val store: the same detections against the same ground truth,
+    so the same non-zero AP, at every evaluation."""
+    evaluations = {}
+
+    def recording_box_ap(truth, results):  # the real evaluation, its inputs kept for the comparison below
+        evaluations.setdefault(type(truth).__name__, []).append((truth, results))
+        return coco_box_ap(truth, results)
+
+    monkeypatch.setattr("stages.train.coco_box_ap", recording_box_ap)  # the directory's val set
+    monkeypatch.setattr("stages.evaluate.coco_box_ap", recording_box_ap)  # a val store's
+    settings = {**SMALL, "iters": 3, "val_split": "val", "checkpoint_every": 1}
+    start = val["root"] / "resume_from"
+    train(TrainConfig(data=val["data"], features=val["train_store"], out=start, stop_after=1, **settings))
+    content = load_checkpoint(start / "last.pt")
+    content["model"]["detector.head.classification_head.cls_logits.bias"] += 4.0
+    save_checkpoint(start / "last.pt", content)
+    for name in ("dir_eval", "store_eval"):
+        shutil.copytree(start, val["root"] / name)
+    train(TrainConfig(data=val["data"], features=val["train_store"], out=val["root"] / "dir_eval", resume=True,
+                      eval_every=1, **settings))
     train(TrainConfig(features=val["train_store"], val_store=str(val["val_store"]), out=val["root"] / "store_eval",
-                      **settings))
+                      resume=True, eval_every=1, **settings))
     want = [json.loads(line) for line in (val["root"] / "dir_eval" / "eval.jsonl").read_text().splitlines()]
     got = [json.loads(line) for line in (val["root"] / "store_eval" / "eval.jsonl").read_text().splitlines()]
-    assert [e["iter"] for e in got] == [1, 2]
-    assert got == pytest.approx(want, abs=1e-12)
+    assert [e["iter"] for e in got] == [e["iter"] for e in want] == [2, 3]
+    assert all(e["mAP"] > 0 for e in want)
+    for got_eval, want_eval in zip(got, want):
+        assert got_eval == pytest.approx(want_eval, abs=1e-12)
+    assert len(evaluations["CocoDetection"]) == len(evaluations["StoreTruth"]) == 2
+
+    def key(r):
+        return r["image_id"], r["category_id"], -r["score"], r["bbox"]
+
+    for (directory, want_results), (store, got_results) in zip(evaluations["CocoDetection"], evaluations["StoreTruth"]):
+        assert len(want_results) > 0 and sorted(got_results, key=key) == sorted(want_results, key=key)
+        (got_ids, got_boxes), (want_ids, want_boxes) = truth_boxes(store), truth_boxes(directory)
+        assert got_ids == want_ids and len(want_ids) > 0
+        np.testing.assert_allclose(got_boxes, want_boxes, atol=1e-4)
 
 
 def test_val_stores_that_cannot_serve_are_refused_in_one_line(val, synth_data, tmp_path, capsys):
