@@ -1,14 +1,13 @@
 """How many bits PKD needs: bytes, fidelity and gradient agreement of teacher-map codecs (issue 11, part 2).
 
-    python benchmarks/bits_study.py STORE --student RUN/model.pt --data DATA_DIR
+    python -m benchmarks.bits_study STORE --student RUN/model.pt --data DATA_DIR
         [--batches 4 --batch-size 8 --fit-samples 32] [--json metrics/bits-study-cpu.json]
         [--plot plots/bits-study.png]
 
 On an existing full-layout store (a projected one is refused) and a student trained against it, for
 each operating point (the store codecs ``fp16``, ``int8``, ``int6``, ``int4``, ``int2`` and ``pca``,
 uniform per-channel k-bit quantisation
-for k = 6, 4, 2, and a prototype that decorrelates channels with a per-level PCA before it
-quantises) it measures, per level:
+for k = 6, 4, 2, and a prototype of the pca codec with other steps and byte layouts) it measures, per level:
 
 - bytes after zstd (level 3, as the stores compress) over the float32 map's bytes;
 - Pearson r between decoded and stored map, per sample and channel over the image's valid region,
@@ -18,15 +17,13 @@ quantises) it measures, per level:
   with decoded teacher maps and with the stored maps, on the same batch (lowest and mean over batches).
 
 "Exact" is the store as it is (an fp16 store's maps are exact fp16 values). The PCA prototype is a
-measurement, not a store codec: per level, channels are standardised (mean and std over the fit
-samples), rotated onto the eigenvectors of their correlation matrix, and every component of a level
-is rounded with one step (in units of a channel's std), so that a component gets about
-log2(std_j / step) bits and components far below the step cost nothing after zstd (the reverse
-water-filling of Gaussian rate-distortion theory, in the units the loss normalises by). Coarser
-levels get finer steps, ``step * (finest stride / stride) ** power`` (``--pca-level-power``, 0.5 by
-default): each holds a quarter of the values of the level below yet weighs the same in the loss.
-The basis is fitted on samples disjoint from the measured ones; its bytes, spread over the store's
-samples, are counted.
+measurement, not a store codec: it quantises as the pca codec does, with the store's basis and level
+steps (``storage.pca_basis``: channels standardised, rotated onto the eigenvectors of their correlation
+matrix, every component of a level rounded with one step in channel std units, coarser levels given
+finer steps ``step * (finest stride / stride) ** power``), but at any base step and level power
+(``--pca-steps``, ``--pca-level-power``), without the codec's two-byte limit on a code, and counts
+its codes in the smaller of byte planes and bit planes. The basis is fitted on samples disjoint from
+the measured ones; its bytes, spread over the store's samples, are counted.
 
 Prints a table and ends with one JSON line (also written to ``--json``); ``--plot`` draws
 ``1 - grad cosine`` and ``1 - r`` (lowest) against bytes over fp32.
@@ -38,7 +35,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -47,13 +44,12 @@ import torch
 from numcodecs import Zstd
 from torch import Tensor
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from pkd_offline.engine import Distillation, distillation_loss  # noqa: E402
-from pkd_offline.errors import PkdError  # noqa: E402
-from storage import CODECS, StoreError  # noqa: E402
-from storage.codecs import zigzag  # noqa: E402
+from pkd_offline.engine import Distillation, distillation_loss
+from pkd_offline.errors import PkdError
+from storage import CODECS, StoreError
+from storage.codecs.pca import zigzag
+from storage.pca_basis import (DEFAULT_STEP, LEVEL_POWER, LevelBasis, fit_level_basis, level_steps,
+                               side_bytes)
 
 ZSTD = Zstd(level=3)  # the stores' level (storage/zarr_store.py, storage/wds_store.py)
 GRAD_COSINE_TARGET = 0.999
@@ -94,10 +90,7 @@ def store_pca(fit_maps: dict[int, list[np.ndarray]], step: float, amortise_over:
     """The store's ``pca`` codec (``storage.pca_basis``: per-level basis fitted on ``fit_maps``, step ``step`` at the
     finest level): its parts compressed with zstd as a store holds them, the side file spread over
     ``amortise_over`` samples."""
-    from storage.pca_basis import fit_level_basis, side_bytes
-    from storage.pca_basis import level_steps as store_level_steps
-
-    steps = store_level_steps(step, sorted(fit_maps))
+    steps = level_steps(step, sorted(fit_maps))
     bases = {stride: fit_level_basis(maps, steps[stride]) for stride, maps in fit_maps.items()}
     side = math.ceil(len(side_bytes(bases)) / max(1, len(bases)) / amortise_over)
 
@@ -126,57 +119,17 @@ def uniform_bits(bits: int) -> Coder:
     return code
 
 
-@dataclass
-class PcaBasis:
-    """One level's channel decorrelation: ``mean`` and ``scale`` (C,) standardise each channel;
-    ``components`` (C, C) holds the correlation matrix's eigenvectors as columns by decreasing
-    ``variances`` (C,) (in standardised units: they sum to C)."""
-
-    mean: np.ndarray
-    scale: np.ndarray
-    components: np.ndarray
-    variances: np.ndarray
-
-    @property
-    def nbytes(self) -> int:
-        """Side information a store would hold for this level (float32)."""
-        return 4 * (self.mean.size + self.scale.size + self.components.size)
-
-
-def fit_pca_basis(maps: list[np.ndarray]) -> PcaBasis:
-    """Fit a :class:`PcaBasis` on maps (C, h_i, w_i) of one level (every position of every map counts once)."""
-    flat = np.concatenate([np.asarray(m, np.float64).reshape(m.shape[0], -1) for m in maps], axis=1)
-    mean, scale = flat.mean(axis=1), flat.std(axis=1)
-    scale = np.where(scale > 0, scale, 1.0)
-    standard = (flat - mean[:, None]) / scale[:, None]
-    variances, components = np.linalg.eigh(standard @ standard.T / max(1, standard.shape[1]))
-    order = np.argsort(variances)[::-1]
-    return PcaBasis(mean.astype(np.float32), scale.astype(np.float32), components[:, order].astype(np.float32),
-                    np.clip(variances[order], 0, None))
-
-
-def pca_codec(bases: dict[int, PcaBasis], steps: dict[int, float], amortise_over: int = 1) -> Coder:
-    """Standardise, rotate onto the level's basis, round every component with the level's step
-    (``steps[stride]``, in channel std units), zigzag codes component by component, zstd. Bytes include the
-    basis spread over ``amortise_over`` samples."""
+def pca_codec(bases: dict[int, LevelBasis], steps: dict[int, float], amortise_over: int = 1) -> Coder:
+    """The pca codec's quantiser (``LevelBasis.component_steps``) with the level's basis and its own step
+    (``steps[stride]``, in channel std units), zigzag codes component by component, zstd (``unsigned_code_bytes``,
+    no limit on a code's size). Bytes include the basis spread over ``amortise_over`` samples."""
 
     def code(values: np.ndarray, stride: int) -> tuple[np.ndarray, int]:
-        basis, step = bases[stride], steps[stride]
-        channels = values.shape[0]
-        flat = values.reshape(channels, -1).astype(np.float64)
-        standard = (flat - basis.mean[:, None]) / basis.scale[:, None]
-        codes = np.rint(basis.components.T.astype(np.float64) @ standard / step).astype(np.int64)
-        decoded = basis.components.astype(np.float64) @ (codes * step) * basis.scale[:, None] + basis.mean[:, None]
+        basis = replace(bases[stride], step=steps[stride])
+        codes = basis.component_steps(values)
         size = unsigned_code_bytes(zigzag(codes)) + math.ceil(basis.nbytes / amortise_over)
-        return decoded.astype(np.float32).reshape(values.shape), size
+        return basis.features_from_steps(codes), size
     return code
-
-
-def level_steps(base: float, power: float, strides: list[int]) -> dict[int, float]:
-    """{stride: base * (finest / stride) ** power}: with power > 0 the coarse levels, which hold few values
-    (a quarter per octave) and enter the loss with the same weight, get finer steps."""
-    finest = min(strides)
-    return {s: base * (finest / s) ** power for s in strides}
 
 
 def parse_pca_points(spec: str, default_power: float) -> list[tuple[str, float, float]]:
@@ -285,12 +238,14 @@ def load_inputs(args: argparse.Namespace):
     from pkd_offline.checkpoint import load_detector
     from pkd_offline.data import CocoDetection
     from pkd_offline.levels import pair_levels
-    from stages.store_data import StoreJoinedDataset, check_store_fits, store_views
+    from pkd_offline.store_data import StoreJoinedDataset, store_views
+    from pkd_offline.store_fit import check_store_fits, drop_images_the_store_skipped
 
     model, content = load_detector(args.student)
     model.eval()
     dataset = CocoDetection(args.data, content["config"].get("split", "train"), store_views(args.store))
     store = check_store_fits(args.store, dataset, model)
+    drop_images_the_store_skipped(dataset, store.manifest)
     if store.manifest.layout["name"] != "full":
         raise PkdError(f"store {args.store} has the {store.manifest.layout['name']} layout: the study decodes full "
                        "teacher maps; extract one with --layout full")
@@ -376,8 +331,8 @@ def main() -> None:
     parser.add_argument("--fit-samples", type=int, default=32, help="samples the PCA basis is fitted on")
     parser.add_argument("--pca-steps", default="0.1,0.17,0.7,0.05@0",
                         help="PCA prototype points: finest level's step in channel std units, each BASE or BASE@POWER")
-    parser.add_argument("--store-pca-step", type=float, default=0.1, help="the store pca codec's --pca-step")
-    parser.add_argument("--pca-level-power", type=float, default=0.5,
+    parser.add_argument("--store-pca-step", type=float, default=DEFAULT_STEP, help="the store pca codec's --pca-step")
+    parser.add_argument("--pca-level-power", type=float, default=LEVEL_POWER,
                         help="level step = BASE * (finest stride / stride) ** POWER (0: one step everywhere)")
     parser.add_argument("--json", type=Path, help="also write the JSON line here")
     parser.add_argument("--plot", type=Path, help="write the plot here (PNG)")
@@ -388,11 +343,11 @@ def main() -> None:
     except (PkdError, StoreError) as error:
         print(f"bits_study: {error}", file=sys.stderr)
         sys.exit(2)
-    bases = {stride: fit_pca_basis(maps) for stride, maps in fit_maps.items()}
+    bases = {stride: fit_level_basis(maps, DEFAULT_STEP) for stride, maps in fit_maps.items()}  # steps: per point
     points: dict[str, Coder] = {name: store_codec(name) for name in ("fp16", "int8", "int6", "int4", "int2")}
     points.update({f"uniform {k}-bit": uniform_bits(k) for k in (6, 4, 2)})
     points["pca (store codec)"] = store_pca(fit_maps, args.store_pca_step, amortise_over=manifest.n_samples)
-    points.update({name: pca_codec(bases, level_steps(base, power, list(bases)), amortise_over=manifest.n_samples)
+    points.update({name: pca_codec(bases, level_steps(base, list(bases), power), amortise_over=manifest.n_samples)
                    for name, base, power in parse_pca_points(args.pca_steps, args.pca_level_power)})
     with torch.no_grad():
         student_maps = [model.features([item["image"] for item in batch])[0] for batch in batches]

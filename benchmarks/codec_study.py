@@ -1,6 +1,6 @@
 """How far below int8 a scalar codec could go: bytes and fidelity of k-bit quantisation of a store's features.
 
-    python benchmarks/codec_study.py features/train.zarr
+    python -m benchmarks.codec_study features/train.zarr
 
 Decodes an evenly spaced subset of the store's samples and, per level, quantises each channel
 uniformly between its min and max with k bits (8, 6, 5, 4), optionally takes the difference of

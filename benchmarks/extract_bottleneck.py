@@ -1,11 +1,12 @@
 """Where `extract` spends its time on a GPU node: the host-side rates it depends on, measured side by side.
 
-    python benchmarks/extract_bottleneck.py [--data DIR] [--out DIR]   # prints one JSON line
+    python -m benchmarks.extract_bottleneck [--data DIR]   # prints one JSON line
 
 Measures, on this machine: write rate of a 1 GB file (written, then fsync'd) to the scratch folder and to
 /dev/shm; zstd level 3 (the stores' compressor) on a 256-channel fp16 map, on 1 thread and on 8 in
 parallel; sha256 (shard hashes); and, with ``--data`` (a synthetic set), the steady rate of
-``pkd-offline extract`` (Swin-S, P2..P5, fp16) into the scratch folder and into /dev/shm. If the
+``pkd-offline extract`` (the paper pair, ``benchmarks.pairs``, on CUDA) into the scratch folder and into /dev/shm,
+from each run's record (``--record``). If the
 /dev/shm extraction is much faster, the disk is the bottleneck; if both match the zstd rate times the
 writer threads, compression is.
 """
@@ -16,7 +17,6 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 from numcodecs import Zstd
+
+from benchmarks.pairs import PAIRS, extract_command, extract_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,14 +67,13 @@ def compress_rates(threads: int) -> dict:
 
 
 def extract_rate(data: Path, out: Path) -> float | None:
-    """Steady samples/s of ``pkd-offline extract`` into ``out`` (its own summary line)."""
-    command = [sys.executable, "-m", "pkd_offline", "extract", "--teacher", "swin_s", "--variant", "full",
-               "--random-init", "--data", str(data), "--out", str(out), "--levels", "2,3,4,5", "--short-side", "800",
-               "--max-size", "1333", "--batch-size", "8", "--workers", "8", "--device", "cuda", "--no-progress",
-               "--overwrite", "--samples-per-shard", "4"]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    match = re.search(r"extract: (\d+) samples in ([0-9.]+) s", result.stderr)
-    return int(match.group(1)) / float(match.group(2)) if match else None
+    """Steady samples/s of ``pkd-offline extract`` into ``out``: its record's rate past the pca fit."""
+    cfg = extract_config(PAIRS["paper"], data, out, batch_size=8, workers=8, device="cuda", samples_per_shard=4)
+    with tempfile.TemporaryDirectory() as scratch:
+        command, record = extract_command(cfg, Path(scratch), "extract")
+        subprocess.run([sys.executable, "-m", "pkd_offline", *command], capture_output=True, text=True, cwd=ROOT,
+                       check=True)
+        return json.loads(record.read_text())["steady_samples_per_second"]
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, from a fresh checkout on an air-gapped node: install from the wheelhouse, then run
-# benchmarks/gpu_check.py, which ends with one JSON line (docs/gpu.md says what each key means).
+# python -m benchmarks.gpu_check, which ends with one JSON line (docs/gpu.md says what each key means).
 #
 #     bash benchmarks/gpu_check.sh [--device cuda|cpu] [--quick] [--out DIR] [--workers N] [--only a,b]
 #
@@ -10,7 +10,8 @@
 # Where they already import (a development machine), nothing is installed. The checkout itself is
 # on PYTHONPATH, so the code checked is the code in this folder.
 # Output: progress lines with timestamps; with $OUT (or --out DIR) set, also DIR/gpu_check.json
-# (the JSON line) and DIR/gpu_check.log (everything printed).
+# (the JSON line), the same line as DIR/gpu_check-PAIR-DEVICE-CODEC-DATE-COMMIT.json (benchmarks/results.py's
+# name, to copy into benchmarks/results/) and DIR/gpu_check.log (everything printed).
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -45,7 +46,7 @@ export PYTHONUNBUFFERED=1
 
 if [[ -n $OUT_DIR ]]; then
     mkdir -p "$OUT_DIR"
-    "$PYTHON" benchmarks/gpu_check.py "$@" 2>&1 | tee "$OUT_DIR/gpu_check.log"
+    "$PYTHON" -m benchmarks.gpu_check "$@" 2>&1 | tee "$OUT_DIR/gpu_check.log"
 else
-    "$PYTHON" benchmarks/gpu_check.py "$@"
+    "$PYTHON" -m benchmarks.gpu_check "$@"
 fi

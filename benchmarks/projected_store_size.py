@@ -1,12 +1,12 @@
 """Bytes of the projected `index` store against the full-map one, measured, and projected to COCO.
 
-    python benchmarks/projected_store_size.py --data data/synth [--checkpoint runs/teacher/model.pt]
+    python -m benchmarks.projected_store_size --data data/synth [--checkpoint runs/teacher/model.pt]
         [--work DIR [--reuse]]
 
 Extracts teacher P2..P5 of ``--data`` (train split, the demo's 192 px and 2 views) with
 ``--layout full`` and ``--layout projected --student-levels 3,4,5,6`` for each codec, prints
 ``pkd-offline inspect``'s bytes per sample, then the COCO train2017 sizes (TB, 1 and 2 views, a
-256-channel teacher) through ``benchmarks/run.py``'s ``coco_projection``. Small demo images make
+256-channel teacher) through ``benchmarks.coco_projection``. Small demo images make
 the projection's extra row and column (and per-channel parts) weigh more than at COCO size, so the
 COCO figures take each level's measured bytes per stored map value times the values the level
 holds for the typical COCO image (1067x800 px, padded to multiples of 32), plus its measured
@@ -18,17 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.coco_projection import COCO_PIXELS, coco_projection
+from benchmarks.pairs import PAIRS, extract_config, sized
+from pkd_offline.pyramid import level_size
+from stages.extract import extract
+from storage import describe, open_store
 
-from benchmarks.run import COCO_PIXELS, coco_projection  # noqa: E402
-from pkd_offline.pyramid import level_size  # noqa: E402
-from stages.extract import ExtractConfig, extract  # noqa: E402
-from storage import describe, open_store  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TEACHER_STRIDES = [4, 8, 16, 32]
 CODECS = ("fp32", "fp16", "int8", "pca")
@@ -52,14 +51,13 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="read stores already in --work instead of extracting")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="projected-size-"))
+    # The tiny pair's teacher and views with the index pairing's levels: P2..P5 for student P3..P6.
+    pair = sized(PAIRS["tiny"], teacher_levels="2,3,4,5", student_levels="3,4,5,6")
     results = {}
     for codec in CODECS:
         for layout in ("full", "projected"):
-            cfg = ExtractConfig(teacher="swin", checkpoint=args.checkpoint, random_init=args.checkpoint is None,
-                                variant="tiny", data=args.data, out=work / f"{layout}-{codec}.zarr", codec=codec,
-                                views=2, levels="2,3,4,5", short_side=192, max_size=192, batch_size=8, workers=2,
-                                layout=layout, student_levels="3,4,5,6" if layout == "projected" else None,
-                                progress=False, overwrite=True)
+            cfg = extract_config(pair, args.data, work / f"{layout}-{codec}.zarr", checkpoint=args.checkpoint,
+                                 codec=codec, layout=layout, batch_size=8, workers=2)
             reuse = args.reuse and (cfg.out / "manifest.json").exists()
             store = open_store(str(cfg.out if reuse else extract(cfg)))
             summary = describe(store)

@@ -3,7 +3,7 @@
 Runs after ``dvc repro`` (it reuses the demo's data, teacher and store) and trains each student
 section of params.yaml once per seed, then evaluates on the val split:
 
-    python benchmarks/seeds.py --seeds 0 1 2 --out metrics/seeds.json
+    python -m benchmarks.seeds --seeds 0 1 2 --out metrics/seeds.json
 """
 
 from __future__ import annotations

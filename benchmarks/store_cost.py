@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from pkd_offline.data import CocoDetection, collate
 from pkd_offline.engine import Distillation, distillation_loss
 from pkd_offline.levels import pair_levels
-from stages.store_data import StoreJoinedDataset, store_views
+from pkd_offline.store_data import StoreJoinedDataset, store_views
 from storage import describe, open_store
 from storage.manifest import STATISTIC_PARTS
 

@@ -1,7 +1,7 @@
 """Read rate of training from a store alone: local directory vs loopback S3 vs the student's consumption.
 
-    nice -n 10 python benchmarks/store_read_rate.py --threads 1   # 1-2 min on a 2-core CPU
-    python benchmarks/store_read_rate.py --images 256 --rounds 5 --workers 4
+    nice -n 10 python -m benchmarks.store_read_rate --threads 1
+    python -m benchmarks.store_read_rate --images 256 --rounds 5 --workers 4
 
 One run, side by side: a WebDataset store written with ``extract --with-images`` (the tiny pair:
 random-init Swin-T tiny teacher, int8, stride levels P3..P6, 2 views) is read through the training
@@ -34,18 +34,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from pkd_offline.data import collate  # noqa: E402
-from pkd_offline.engine import Distillation, training_step  # noqa: E402
-from pkd_offline.levels import pair_levels  # noqa: E402
-from pkd_offline.models import build_detector  # noqa: E402
-from stages.extract import ExtractConfig, extract  # noqa: E402
-from stages.store_data import StoreStream, store_dataset, store_views  # noqa: E402
-from stages.synth import SynthConfig, synth  # noqa: E402
-from storage import describe, open_store  # noqa: E402
-from storage.files import close_object_store_sessions  # noqa: E402
+from benchmarks.pairs import PAIRS, extract_config, sized, synthetic_data
+from pkd_offline.data import collate
+from pkd_offline.engine import Distillation, training_step
+from pkd_offline.levels import pair_levels
+from pkd_offline.models import build_detector
+from stages.extract import extract
+from pkd_offline.store_data import StoreStream, store_dataset, store_views
+from storage import describe, open_store
+from storage.files import close_object_store_sessions
 
 
 def free_port() -> int:
@@ -89,12 +86,11 @@ def loopback_s3_server(bucket: str, scratch: Path):
 
 
 def make_store(args, work: Path) -> Path:
-    data = synth(SynthConfig(out=work / "data", train=args.images, val=2, image_size=args.image_size, seed=0))
-    return extract(ExtractConfig(teacher="swin", random_init=True, variant="tiny", data=data, out=work / "wds",
-                                 store_format="wds", codec="int8", views=2, levels="3,4,5,6",
-                                 short_side=args.image_size, max_size=args.image_size, batch_size=8,
-                                 workers=args.workers, samples_per_shard=args.samples_per_shard, with_images=True,
-                                 progress=False))
+    """The tiny pair's stride levels P3..P6 with the images, as a WebDataset store."""
+    data = synthetic_data(work / "data", args.images, args.image_size)
+    pair = sized(PAIRS["tiny"], teacher_levels="3,4,5,6", short_side=args.image_size, max_size=args.image_size)
+    return extract(extract_config(pair, data, work / "wds", store_format="wds", batch_size=8, workers=args.workers,
+                                  samples_per_shard=args.samples_per_shard, with_images=True, overwrite=False))
 
 
 def loader_for(path: str, args) -> DataLoader:

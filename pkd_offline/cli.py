@@ -1,194 +1,176 @@
 """The command line: parses flags into a stage's dataclass config and calls the stage function.
 
-Settings come from ``--params FILE`` (section ``--section``, by default the command's name) and
-then from flags, which win. User errors print one line and exit 2.
+Every flag of a stage comes from a field of its config (``pkd_offline.config.setting``): ``--field-name``
+(or the field's ``flag``), typed from the annotation, with its help, default and choices. Flags default
+to None, so settings come from ``--params FILE`` (section ``--section``, by default the command's name)
+and then from the flags given, which win. A stage's config (and so torch) is imported only when that
+command's parser is used. User errors print one line and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
-from pkd_offline.config import load_params, make_config
+from pkd_offline.config import flag_name, load_params, make_config, path_or_url, resolve_choices, scalar_type
 from pkd_offline.errors import PkdError
 from pkd_offline.weights_source import OFFLINE_ENV, offline_mode
 
-WEIGHTS = "a path or URL (https://, s3://, file://), URLs cached in $TORCH_HOME/hub/checkpoints"
+CLI_ONLY = {"params", "section", "offline", "json"}
+"""Options of the command line itself, not settings of a stage."""
 
 
-def _common(parser: argparse.ArgumentParser, section: str) -> None:
+class Stage(NamedTuple):
+    """A subcommand over a stage function: where its config and function live, and its one-line help."""
+
+    module: str
+    config: str
+    function: str
+    help: str
+
+
+STAGES = {
+    "synth": Stage("stages.synth", "SynthConfig", "synth", "generate the synthetic COCO-format detection set"),
+    "extract": Stage("stages.extract", "ExtractConfig", "extract", "stage one: store the teacher's FPN features"),
+    "train": Stage("stages.train", "TrainConfig", "train", "stage two: train a detector (plain, offline PKD or "
+                   "online PKD)"),
+    "eval": Stage("stages.evaluate", "EvalConfig", "evaluate", "COCO box AP of a checkpoint"),
+    "verify": Stage("stages.verify", "VerifyConfig", "verify", "check a store's shards and recompute samples with "
+                    "its teacher"),
+}
+
+
+def config_class(stage: Stage) -> type:
+    return getattr(importlib.import_module(stage.module), stage.config)
+
+
+def stage_function(stage: Stage) -> Callable[[Any], Any]:
+    return getattr(importlib.import_module(stage.module), stage.function)
+
+
+class LazyParser(argparse.ArgumentParser):
+    """An ArgumentParser that adds its arguments (``populate(parser)``) the first time it parses or prints help,
+    so ``pkd-offline --help`` imports no stage."""
+
+    def __init__(self, *args: Any, populate: Callable[[argparse.ArgumentParser], None] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.populate = populate
+
+    def _populated(self) -> None:
+        if self.populate is not None:
+            populate, self.populate = self.populate, None
+            populate(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._populated()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._populated()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self._populated()
+        return super().format_usage()
+
+
+def _default_text(field: dataclasses.Field) -> str:
+    if field.default is dataclasses.MISSING:
+        return "required"
+    if field.default is True:  # the flag is --no-NAME
+        return f"default: {field.name.replace('_', ' ')} on"
+    if field.default is False:
+        return "default: off"
+    if field.default is None:  # the help says what unset means, or this does
+        return "" if "unset" in field.metadata.get("help", "") else "default: unset"
+    return f"default: {field.default}"
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config: type) -> None:
+    """One argument per field of the dataclass ``config``, destination the field's name, default None (so a
+    params file's value stands unless the flag is given), named by the field's metadata or its name. A bool is a switch: ``--name`` sets True, or for a field that defaults to True ``--no-name`` sets
+    False. A name without dashes is a positional argument."""
+    for field in dataclasses.fields(config):
+        name = field.metadata.get("flag") or flag_name(field)
+        default = _default_text(field)
+        help_text = (field.metadata.get("help") or field.name) + (f" ({default})" if default else "")
+        value_type = scalar_type(field.type)
+        if not name.startswith("-"):
+            parser.add_argument(name, help=help_text, type=path_or_url if value_type is Path else value_type)
+            continue
+        options: dict[str, Any] = {"dest": field.name, "default": None, "help": help_text}
+        if value_type is bool:
+            options.update(action="store_const", const=field.default is not True)
+        else:
+            choices = resolve_choices(field)
+            options.update(type=path_or_url if value_type is Path else value_type,
+                           required=field.default is dataclasses.MISSING)
+            if choices is not None:  # shown, not enforced here: the config's check names the fix in one line
+                options["metavar"] = "{" + ",".join(choices) + "}"
+        parser.add_argument(name, **options)
+
+
+def _fill_stage_parser(name: str, parser: argparse.ArgumentParser) -> None:
+    """The options of stage ``name``'s parser: the CLI's own, then one per setting of its config."""
     parser.add_argument("--params", type=Path, help="YAML file of settings (flags win)")
-    parser.add_argument("--section", default=section, help=f"section of --params to read (default: {section})")
-    parser.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bars")
-    parser.add_argument("--offline", action="store_true", help=f"weight URLs only from the cache, never the network "
-                        f"(also {OFFLINE_ENV}=1)")
+    parser.add_argument("--section", default=name, help=f"section of --params to read (default: {name})")
+    if name != "synth":  # the stages that may fetch weights
+        parser.add_argument("--offline", action="store_true", help="weight URLs only from the cache, never the "
+                            f"network (also {OFFLINE_ENV}=1)")
+    if name in ("eval", "verify"):
+        parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_config_flags(parser, config_class(STAGES[name]))
 
 
-def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
-    parser.add_argument(name, action="store_const", const=True, help=help)
+def _inspect_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("store", help="store path or fsspec URL")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pkd-offline", description="Offline PKD: distil object detectors against stored teacher FPN features.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    data = commands.add_parser("data", help="make data sets").add_subparsers(dest="data_command", required=True)
-    synth = data.add_parser("synth", help="generate the synthetic COCO-format detection set")
-    synth.add_argument("--out", type=Path, required=True)
-    synth.add_argument("--train", type=int)
-    synth.add_argument("--val", type=int)
-    synth.add_argument("--image-size", dest="image_size", type=int, help="long side, px")
-    synth.add_argument("--seed", type=int)
-    synth.add_argument("--params", type=Path)
-    synth.add_argument("--section", default="synth")
-
-    extract = commands.add_parser("extract", help="stage one: store the teacher's FPN features")
-    _common(extract, "extract")
-    extract.add_argument("--teacher")
-    extract.add_argument("--checkpoint", help=f"teacher weights: {WEIGHTS}")
-    _bool_flag(extract, "--random-init", "random teacher weights (seeded): smoke tests only")
-    extract.add_argument("--variant", choices=("full", "tiny"))
-    extract.add_argument("--data", type=Path)
-    extract.add_argument("--split")
-    extract.add_argument("--out", help="store path or fsspec URL (s3://bucket/features.zarr)")
-    extract.add_argument("--format", dest="store_format", choices=("zarr", "wds"))
-    extract.add_argument("--codec", help="fp32, fp16, int8 (the bits study's int6, int4, int2), or pca: "
-                                          "decorrelated channels, --pca-step")
-    extract.add_argument("--pca-step", dest="pca_step", type=float,
-                         help="pca codec: rounding step of each component, in channel std units (default 0.1)")
-    extract.add_argument("--views", type=int)
-    extract.add_argument("--levels", help="pyramid levels to keep, e.g. 2,3,4,5 (P2 = stride 4)")
-    extract.add_argument("--layout", choices=("full", "projected"),
-                         help="projected: store each level as the PKD loss uses it at the paired student level")
-    extract.add_argument("--student-levels", dest="student_levels",
-                         help="with --layout projected: the student levels paired by index, e.g. 3,4,5,6")
-    extract.add_argument("--short-side", dest="short_side", type=int)
-    extract.add_argument("--max-size", dest="max_size", type=int)
-    extract.add_argument("--batch-size", dest="batch_size", type=int)
-    extract.add_argument("--workers", type=int)
-    extract.add_argument("--device")
-    extract.add_argument("--samples-per-shard", dest="samples_per_shard", type=int)
-    extract.add_argument("--on-error", dest="on_error", choices=("stop", "skip"))
-    _bool_flag(extract, "--with-images", "also store image bytes and boxes (WebDataset)")
-    _bool_flag(extract, "--overwrite", "replace a store of another job at --out")
-    extract.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
-                         help="run the teacher on CUDA without graphs (by default one is captured per batch shape)")
-    extract.add_argument("--seed", type=int)
-
-    train = commands.add_parser("train", help="stage two: train a detector (plain, offline PKD or online PKD)")
-    _common(train, "train")
-    train.add_argument("--student", help="any detector name (teachers too)")
-    train.add_argument("--backbone")
-    train.add_argument("--backbone-weights", dest="backbone_weights",
-                       help=f"ImageNet weights of the backbone (a torchvision classification state dict): {WEIGHTS}")
-    train.add_argument("--variant", choices=("full", "tiny"))
-    train.add_argument("--anchor-scale", dest="anchor_scale", type=float,
-                       help="RetinaNet anchor side / stride at the first octave (default 4 full, 2 tiny)")
-    train.add_argument("--head-norm", dest="head_norm", choices=("gn",), help="RetinaNet head GroupNorm (v2 head)")
-    train.add_argument("--data", type=Path)
-    train.add_argument("--split")
-    train.add_argument("--val-split", dest="val_split")
-    train.add_argument("--val-store", dest="val_store",
-                       help="with --eval-every: read the val set from this store (path or URL) written by `extract "
-                            "--split val --with-images`, not from --data")
-    train.add_argument("--out", type=Path)
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--iters", type=int)
-    train.add_argument("--stop-after", dest="stop_after", type=int, help="end after N steps; --resume continues")
-    train.add_argument("--batch-size", dest="batch_size", type=int)
-    train.add_argument("--optimizer", choices=("sgd", "adamw"))
-    train.add_argument("--lr", type=float)
-    train.add_argument("--weight-decay", dest="weight_decay", type=float)
-    train.add_argument("--warmup-iters", dest="warmup_iters", type=int)
-    train.add_argument("--schedule", choices=("cosine", "step"))
-    train.add_argument("--short-side", dest="short_side", type=int)
-    train.add_argument("--max-size", dest="max_size", type=int)
-    train.add_argument("--views", type=int)
-    train.add_argument("--workers", type=int)
-    train.add_argument("--device")
-    train.add_argument("--seed", type=int)
-    _bool_flag(train, "--resume", "continue from OUT/last.pt")
-    train.add_argument("--checkpoint-every", dest="checkpoint_every", type=int)
-    train.add_argument("--eval-every", dest="eval_every", type=int)
-    train.add_argument("--features", help="feature store path or fsspec URL: offline PKD")
-    train.add_argument("--teacher", help="teacher name: online PKD (with --checkpoint)")
-    train.add_argument("--checkpoint", dest="teacher_checkpoint", help=f"the online teacher's weights: {WEIGHTS}")
-    _bool_flag(train, "--random-init", "random online-teacher weights: smoke tests only")
-    _bool_flag(train, "--online-per-image", "run the online teacher per image at its own padded size (offline's maps)")
-    train.add_argument("--alpha", type=float)
-    train.add_argument("--level-map", dest="level_map", choices=("index", "stride"))
-    train.add_argument("--max-pairs", dest="max_pairs", type=int)
-    train.add_argument("--on-error", dest="on_error", choices=("stop", "skip"),
-                       help="a damaged store sample: stop (default) or skip it and count it")
-
-    evaluate = commands.add_parser("eval", help="COCO box AP of a checkpoint")
-    _common(evaluate, "eval")
-    evaluate.add_argument("--checkpoint", help=f"a model.pt: {WEIGHTS}")
-    evaluate.add_argument("--data", type=Path)
-    evaluate.add_argument("--split")
-    evaluate.add_argument("--store", help="read the val set from this store (path or URL) written by `extract --split "
-                          "val --with-images`, instead of --data")
-    evaluate.add_argument("--out", type=Path, help="write the metrics JSON here")
-    evaluate.add_argument("--device")
-    evaluate.add_argument("--batch-size", dest="batch_size", type=int)
-    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
-
-    inspect = commands.add_parser("inspect", help="a feature store's manifest, sizes and digest")
-    inspect.add_argument("store")
-    inspect.add_argument("--json", action="store_true")
-
-    verify = commands.add_parser("verify", help="check a store's shards and recompute samples with its teacher")
-    _common(verify, "verify")
-    verify.add_argument("store")
-    verify.add_argument("--data", type=Path)
-    verify.add_argument("--checkpoint", help=f"the store's teacher weights: {WEIGHTS}")
-    verify.add_argument("--samples", type=int)
-    verify.add_argument("--device")
-    verify.add_argument("--json", action="store_true")
+    parser = argparse.ArgumentParser(prog="pkd-offline", description="Offline PKD: distil object detectors against "
+                                     "stored teacher FPN features.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=LazyParser)
+    data = commands.add_parser("data", help="make data sets")
+    data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=LazyParser)
+    data_commands.add_parser("synth", help=STAGES["synth"].help, populate=partial(_fill_stage_parser, "synth"))
+    for name in ("extract", "train", "eval"):
+        commands.add_parser(name, help=STAGES[name].help, populate=partial(_fill_stage_parser, name))
+    commands.add_parser("inspect", help="a feature store's manifest, sizes and digest", populate=_inspect_parser)
+    commands.add_parser("verify", help=STAGES["verify"].help, populate=partial(_fill_stage_parser, "verify"))
     return parser
 
 
 def _flags(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in ("command", "params", "section", "json", "data_command")}
+    return {k: v for k, v in vars(args).items() if k not in CLI_ONLY | {"command", "data_command"}}
 
 
 def run(args: argparse.Namespace) -> int:
-    params = load_params(getattr(args, "params", None), getattr(args, "section", args.command))
-    if args.command == "data":
-        from stages.synth import SynthConfig, synth
-
-        print(synth(make_config(SynthConfig, params, _flags(args))))
-    elif args.command == "train":
-        from stages.train import TrainConfig, train
-
-        path = train(make_config(TrainConfig, params, _flags(args)))
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports the result
-            print(path)
-    elif args.command == "eval":
-        from stages.evaluate import EvalConfig, evaluate
-
-        stats = evaluate(make_config(EvalConfig, params, _flags(args)))
-        print(json.dumps(stats) if args.json else "  ".join(f"{k} {v:.4f}" for k, v in stats.items()))
-    elif args.command == "extract":
-        from stages.extract import ExtractConfig, extract
-
-        path = extract(make_config(ExtractConfig, params, _flags(args)))
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports the result
-            print(path)
-    elif args.command == "inspect":
+    if args.command == "inspect":
         from stages.inspect import inspect_store
 
         print(inspect_store(args.store, as_json=args.json))
+        return 0
+    stage = STAGES["synth" if args.command == "data" else args.command]
+    config = make_config(config_class(stage), load_params(args.params, args.section), _flags(args))
+    result = stage_function(stage)(config)
+    if args.command in ("eval", "verify") and args.json:
+        print(json.dumps(result))
+    elif args.command == "eval":
+        print("  ".join(f"{k} {v:.4f}" for k, v in result.items()))
     elif args.command == "verify":
-        from stages.verify import VerifyConfig, verify
-
-        report = verify(make_config(VerifyConfig, params, _flags(args)))
-        print(json.dumps(report) if args.json else report["text"])
-        return 0 if report["ok"] else 1
-    return 0
+        print(result["text"])
+    elif args.command == "data" or os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone reports
+        print(result)
+    return 1 if args.command == "verify" and not result["ok"] else 0
 
 
 def one_line(error: BaseException) -> str:

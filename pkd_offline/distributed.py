@@ -11,6 +11,12 @@ import torch.distributed as dist
 from pkd_offline.errors import PkdError
 
 
+def half_the_cpus(most: int = 8) -> int:
+    """Half this machine's CPUs, 1 to ``most``: threads or workers that leave the other half to the process
+    launching the device's work."""
+    return max(1, min(most, (os.cpu_count() or 2) // 2))
+
+
 @dataclass(frozen=True)
 class Ranks:
     """This process's place: ``rank`` of ``world_size`` processes, ``local_rank`` on its machine."""

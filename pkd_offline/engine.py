@@ -22,9 +22,12 @@ from tqdm import tqdm
 from pkd_offline.errors import PkdError
 from pkd_offline.loss import pkd_loss
 from pkd_offline.models import FeatureDetector
+from pkd_offline.mse_loss import mse_from_statistics
+from pkd_offline.precision import forward_autocast
 from pkd_offline.projection import TeacherStatistics
-from pkd_offline.pyramid import pad_teacher_maps, projected_statistics, valid_masks
-from pkd_offline.stored_maps import dense_map
+from pkd_offline.pyramid import (batch_statistics, check_cross_shapes, level_size, pad_teacher_maps,
+                                 valid_masks, valid_rectangles_at)
+from pkd_offline.stored_batch import fit_trailing, stored_levels, to_device
 from pkd_offline.views import padded_size
 
 
@@ -39,7 +42,10 @@ class Distillation:
     alpha: float
     teacher: FeatureDetector | None = None
     per_image: bool = False
+    loss: str = "pcc"  # a LEVEL_LOSSES name: "pcc" (PKD) or "mse" (plain imitation, the paper's comparison)
 
+
+LEVEL_LOSSES = {"pcc": None, "mse": mse_from_statistics}  # per level, from statistics; None: loss.pcc_loss
 
 def batch_padded_hw(batch: list[dict], size_divisor: int) -> tuple[int, int]:
     """The (H, W) px the detector transform pads this batch to."""
@@ -48,14 +54,21 @@ def batch_padded_hw(batch: list[dict], size_divisor: int) -> tuple[int, int]:
     return padded_size(height, width, size_divisor)
 
 
+def stored_teacher_levels(batch: list[dict], strides: list[int], padded_hw: tuple[int, int],
+                          device: torch.device) -> dict[int, Tensor]:
+    """{teacher_stride: float32 (N, C, H, W)} of the batch's stored maps at the batch's padded size (cells past
+    an image's own map: what its codec decodes from zero codes; callers mask them), one decode per level."""
+    levels = stored_levels({t: [item["teacher_features"][t] for item in batch] for t in strides}, device)
+    return {t: fit_trailing(levels[t], level_size(padded_hw, t)) for t in strides}
+
+
 def teacher_maps(batch: list[dict], images: list[Tensor], distill: Distillation, padded_hw: tuple[int, int],
                  device: torch.device, skip: frozenset[int] = frozenset()) -> dict[int, Tensor]:
     """{teacher_stride: (N, C, H, W)} at the batch's padded size, from the store or an online forward
     (strides in ``skip``, the levels a projected store holds as statistics, are left out)."""
     strides = [t for _, t in distill.pairs if t not in skip]
     if distill.teacher is None:
-        per_image = [{t: dense_map(item["teacher_features"][t], device) for t in strides} for item in batch]
-        return pad_teacher_maps(per_image, padded_hw, device)
+        return stored_teacher_levels(batch, strides, padded_hw, device)
     with torch.no_grad():
         if distill.per_image:
             per_image = [{t: maps[t][0].float() for t in strides}
@@ -65,22 +78,37 @@ def teacher_maps(batch: list[dict], images: list[Tensor], distill: Distillation,
     return {t: features[t].float() for t in strides}
 
 
+def stored_statistics(batch: list[dict], strides: list[int], padded_hw: tuple[int, int],
+                      student_hw: dict[int, tuple[int, int]], device: torch.device) -> dict[int, TeacherStatistics]:
+    """{teacher_stride: TeacherStatistics} of the levels a projected store holds, for the whole batch at once:
+    one decode per level, the float64 sums in one copy; shapes are checked on the host (nothing waits)."""
+    image_hw = [item["image_hw"] for item in batch]
+    for t in strides:
+        check_cross_shapes([item["teacher_features"][t].shape for item in batch], image_hw, t, student_hw[t])
+    cross = stored_levels({t: [item["teacher_features"][t] for item in batch] for t in strides}, device)
+    sums = torch.stack([item["teacher_sums"][t][k] for t in strides for k in (0, 1) for item in batch])
+    sums = to_device(sums, device).unflatten(0, (len(strides), 2, len(batch)))
+    valid_hw = valid_rectangles_at(image_hw, strides, device)
+    return {t: batch_statistics(cross[t], sums[i, 0], sums[i, 1], valid_hw[t], padded_hw, t, student_hw[t])
+            for i, t in enumerate(strides)}
+
+
 def distillation_loss(student_features: dict[int, Tensor], batch: list[dict], images: list[Tensor],
                       distill: Distillation, size_divisor: int, device: torch.device) -> Tensor:
-    """``alpha * pkd_loss`` over the valid region of each image (scalar float32). Levels a projected store
-    holds (items with ``teacher_sums``) enter as their statistics, the others as maps."""
+    """``alpha * pkd_loss`` (with ``distill.loss``'s level loss) over the valid region of each image (scalar float32). Levels a projected store
+    holds (items with ``teacher_sums``) enter as their statistics, the others as maps. The batch is handled
+    with batched operations (none per image) and the host never waits for the device."""
     padded_hw = batch_padded_hw(batch, size_divisor)
     student = {t: student_features[s] for s, t in distill.pairs}
     stored_sums = batch[0].get("teacher_sums", {}) if distill.teacher is None else {}
-    projected = frozenset(t for _, t in distill.pairs if t in stored_sums)
+    projected = [t for _, t in distill.pairs if t in stored_sums]
     teacher: dict[int, Tensor | TeacherStatistics] = dict(teacher_maps(batch, images, distill, padded_hw, device,
-                                                                       skip=projected))
+                                                                       skip=frozenset(projected)))
     valid = valid_masks([item["image_hw"] for item in batch], padded_hw, list(teacher), device)
-    for t in projected:
-        per_image = [(dense_map(item["teacher_features"][t], device), *item["teacher_sums"][t]) for item in batch]
-        teacher[t] = projected_statistics(per_image, [item["image_hw"] for item in batch], padded_hw, t,
-                                          tuple(student[t].shape[-2:]), device)
-    return distill.alpha * pkd_loss(student, teacher, valid)
+    if projected:
+        teacher.update(stored_statistics(batch, projected, padded_hw,
+                                         {t: tuple(student[t].shape[-2:]) for t in projected}, device))
+    return distill.alpha * pkd_loss(student, teacher, valid, level_loss=LEVEL_LOSSES[distill.loss])
 
 
 def lr_factor(iteration: int, total: int, warmup: int, schedule: str) -> float:
@@ -107,7 +135,7 @@ def training_step(model: FeatureDetector, batch: list[dict], optimizer: torch.op
     model.train()
     images = [item["image"].to(device, non_blocking=True) for item in batch]
     targets = [{k: v.to(device) for k, v in item["target"].items()} for item in batch]
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with forward_autocast(device):
         losses, student_features = model(images, targets)
         loss_det = sum(losses.values())
         loss_pkd = (distillation_loss(student_features, batch, images, distill, size_divisor, device)

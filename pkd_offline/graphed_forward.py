@@ -7,7 +7,8 @@ the pace. A CUDA graph captured once per input shape replays all of them with on
 Memory: every graph shares one memory pool for its intermediates, and writes its outputs into buffers shared by
 all graphs (views of one flat buffer per output, grown, with every graph dropped, when a larger shape comes), so
 a new shape costs its capture time (two forwards) and a little host memory, not another copy of the maps. The
-caller gets copies of the outputs, valid after the next call.
+caller gets copies of the outputs, valid after the next call. Extraction pads every batch to its batch size
+(``pkd_offline.extraction.teacher_maps.padded_images``), so one graph per padded image size serves a whole run.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ with ``std = sqrt(var + 1e-12)``: the same numbers as standardising, up to float
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -38,22 +40,27 @@ def pcc_loss(student: Tensor, teacher: Tensor | TeacherStatistics, valid: Tensor
             size, one top-left rectangle per image; statistics and the mean are taken over these
             positions only. Statistics carry their own valid rectangles.
     """
-    if isinstance(teacher, TeacherStatistics):
-        statistics = teacher
-    else:
-        if student.shape[:2] != teacher.shape[:2]:
-            raise ValueError(f"student map {tuple(student.shape)} and teacher map {tuple(teacher.shape)} differ in "
-                             "batch or channels")
-        if valid is None:
-            valid_hw = torch.tensor([list(teacher.shape[-2:])] * teacher.shape[0], device=teacher.device)
-        else:
-            if valid.shape != (teacher.shape[0], *teacher.shape[-2:]):
-                raise ValueError(f"valid mask {tuple(valid.shape)} does not match teacher map {tuple(teacher.shape)}")
-            valid_hw = valid_rectangles(valid)
-        with torch.autocast(student.device.type, enabled=False):
-            statistics = statistics_from_maps(teacher, valid_hw, tuple(student.shape[-2:]))
     with torch.autocast(student.device.type, enabled=False):  # the sums stay float32/float64 under AMP
-        return pcc_from_statistics(student, statistics)
+        return pcc_from_statistics(student, teacher_statistics(student, teacher, valid))
+
+
+def teacher_statistics(student: Tensor, teacher: Tensor | TeacherStatistics,
+                       valid: Tensor | None = None) -> TeacherStatistics:
+    """The teacher's side of a level's loss at the student map's (N, C, Hs, Ws) size: statistics as given, or
+    reduced from a teacher map (N, C, H, W) over its ``valid`` (N, H, W) rectangles (every cell without)."""
+    if isinstance(teacher, TeacherStatistics):
+        return teacher
+    if student.shape[:2] != teacher.shape[:2]:
+        raise ValueError(f"student map {tuple(student.shape)} and teacher map {tuple(teacher.shape)} differ in "
+                         "batch or channels")
+    if valid is None:
+        valid_hw = torch.tensor([list(teacher.shape[-2:])] * teacher.shape[0], device=teacher.device)
+    else:
+        if valid.shape != (teacher.shape[0], *teacher.shape[-2:]):
+            raise ValueError(f"valid mask {tuple(valid.shape)} does not match teacher map {tuple(teacher.shape)}")
+        valid_hw = valid_rectangles(valid)
+    with torch.autocast(student.device.type, enabled=False):
+        return statistics_from_maps(teacher, valid_hw, tuple(student.shape[-2:]))
 
 
 def pcc_from_statistics(student: Tensor, teacher: TeacherStatistics) -> Tensor:
@@ -64,15 +71,16 @@ def pcc_from_statistics(student: Tensor, teacher: TeacherStatistics) -> Tensor:
     student = student.float()
     operators = student_operators(teacher.valid_hw, tuple(student.shape[-2:]), teacher.teacher_hw)
     count = teacher.valid_hw.prod(dim=1).sum().clamp_min(1).double()
+    count_float = count.float()
     dims = (0, 2, 3)
-    mean_s = (student * operators.mean_weight).sum(dim=dims) / count.float()
-    centred = student - mean_s[None, :, None, None]
-    var_s = ((centred * operators.quadratic(centred)).sum(dim=dims) / count.float()).clamp_min(0)
+    mean_s = (student * operators.mean_weight).sum(dim=dims) / count_float
+    centred = student - mean_s.reshape(-1, 1, 1)
+    var_s = ((centred * operators.quadratic(centred)).sum(dim=dims) / count_float).clamp_min(0)
     # sum(w * U centred) is zero up to rounding; kept so the teacher's mean never enters the cross term.
     mean_t = teacher.sum.sum(dim=0) / count
     var_t = (teacher.sum_sq.sum(dim=0) / count - mean_t.square()).clamp_min(0).float()
     cross = (centred * teacher.cross).sum(dim=dims) - mean_t.float() * (centred * operators.mean_weight).sum(dim=dims)
-    cov = cross / count.float()
+    cov = cross / count_float
     scale_s = torch.sqrt(var_s + 1e-12) + EPS
     scale_t = torch.sqrt(var_t + 1e-12) + EPS
     per_channel = 0.5 * (var_s / scale_s.square() + var_t / scale_t.square()) - cov / (scale_s * scale_t)
@@ -83,8 +91,12 @@ def pkd_loss(
     student: dict[int, Tensor],
     teacher: dict[int, Tensor | TeacherStatistics],
     valid: dict[int, Tensor] | None = None,
+    level_loss: Callable[[Tensor, TeacherStatistics], Tensor] | None = None,
 ) -> Tensor:
     """Sum of :func:`pcc_loss` over the strides present in both pyramids (keys are strides in pixels).
+
+    ``level_loss(student_map, statistics)`` replaces the per-level PCC (``mse_loss.mse_from_statistics``: plain
+    MSE imitation of the same pairs, the paper's comparison).
 
     ``teacher`` maps a stride to a map (N, C, H, W) or its :class:`TeacherStatistics`; ``valid`` maps a
     stride to the bool (N, H, W) mask at the teacher's size for that stride (maps only).
@@ -93,5 +105,9 @@ def pkd_loss(
     strides = sorted(set(student) & set(teacher))
     if not strides:
         raise ValueError(f"no common strides: student {sorted(student)}, teacher {sorted(teacher)}")
-    losses = [pcc_loss(student[s], teacher[s], None if valid is None else valid.get(s)) for s in strides]
+    if level_loss is None:
+        losses = [pcc_loss(student[s], teacher[s], None if valid is None else valid.get(s)) for s in strides]
+    else:
+        losses = [level_loss(student[s], teacher_statistics(student[s], teacher[s], None if valid is None
+                                                            else valid.get(s))) for s in strides]
     return torch.stack(losses).sum()

@@ -2,11 +2,9 @@
 
 A worker hands each tensor of a batch to the main process separately: with PyTorch's default
 ``file_descriptor`` sharing, every tensor is one shared-memory segment, one descriptor sent over a
-socket and one ``mmap`` in the main process, about 0.3-0.4 ms of the main process's time each on a
-2-core CPU. A stored sample adds a tensor per level (and per codec part and sum), so a batch of 8
-tiny-pair samples went from about 30 tensors to 70 and from 12 to 30 ms of receiving in the training
-process (one-off measurement, ``benchmarks/run.py --pair tiny``'s stores, queue full). Packed, the
-batch is one segment per dtype, written where the worker is, and the main process gets views into it.
+socket and one ``mmap`` in the main process, and a stored sample adds a tensor per level (and per codec
+part and sum). Packed, the batch is one segment per dtype, written where the worker is, and the main
+process gets views into it: its receiving cost no longer grows with the number of tensors.
 
 ``pack_batch(items)`` (in a worker) gives a :class:`PackedBatch`; pickling it carries only the flat
 tensors and the batch's structure, and unpickling gives back a plain ``list`` of the same items,

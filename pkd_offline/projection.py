@@ -13,7 +13,7 @@ The student's own statistics need ``U^T w`` and ``U^T W U``; as ``W`` is a recta
 touch two adjacent source rows), applied here as shifts at the student's resolution.
 
 A projected store keeps ``cross`` computed in a frame one student row and column larger than the
-image's own (so no bilinear clamp touches it), which :func:`place_cross` folds back when an image
+image's own (so no bilinear clamp touches it), which :func:`fold_cross` folds back when an image
 fills the batch frame. That is exact when the teacher frame is exactly twice the student frame in
 every batch (the student stride divides the padding multiple), see :func:`projection_is_exact`.
 """
@@ -71,22 +71,22 @@ def resize_adjoint(values: Tensor, size: tuple[int, int]) -> Tensor:
                                                       [*values.shape[:2], *size], False, None, None)
 
 
-def rectangle_masks(valid_hw: Tensor, frame_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """Row and column masks, float32 (N, H) and (N, W), of each image's valid rectangle in a frame."""
-    rows = torch.arange(frame_hw[0], device=valid_hw.device)[None] < valid_hw[:, :1]
-    cols = torch.arange(frame_hw[1], device=valid_hw.device)[None] < valid_hw[:, 1:]
-    return rows.float(), cols.float()
+def rectangle_masks(valid_hw: Tensor, frame_hw: tuple[int, int],
+                    dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Row and column masks, ``dtype`` (N, H) and (N, W), of each image's valid rectangle in a frame."""
+    rows = torch.arange(frame_hw[0], device=valid_hw.device) < valid_hw[:, :1]
+    cols = torch.arange(frame_hw[1], device=valid_hw.device) < valid_hw[:, 1:]
+    return rows.to(dtype), cols.to(dtype)
 
 
 def valid_rectangles(valid: Tensor) -> Tensor:
-    """int64 (N, 2) valid (rows, columns) of a bool (N, H, W) mask; ValueError unless each image's
-    mask is one top-left rectangle (the region a padded batch leaves valid)."""
-    rows = valid.any(dim=2).sum(dim=1)
-    cols = valid.any(dim=1).sum(dim=1)
-    hw = torch.stack([rows, cols], dim=1)
-    rebuilt = rectangle_masks(hw, tuple(valid.shape[1:]))
-    if not torch.equal(rebuilt[0][:, :, None] * rebuilt[1][:, None, :] > 0, valid):
-        raise ValueError("valid mask must be one top-left rectangle per image (the unpadded region)")
+    """int64 (N, 2) valid (rows, columns) of a bool (N, H, W) mask. Each image's mask must be one top-left
+    rectangle (the region a padded batch leaves valid): checked on the mask's device without the host waiting
+    for it (on a CPU a RuntimeError at once; on a GPU a device-side assertion)."""
+    hw = torch.stack([valid.any(dim=2).sum(dim=1), valid.any(dim=1).sum(dim=1)], dim=1)
+    rows, cols = rectangle_masks(hw, tuple(valid.shape[1:]), dtype=torch.bool)
+    torch._assert_async((rows[:, :, None] & cols[:, None, :] == valid).all(),
+                        "valid mask must be one top-left rectangle per image (the unpadded region)")
     return hw
 
 
@@ -126,25 +126,15 @@ def project_images(teacher: Tensor, valid_hw: tuple[int, int]) -> tuple[Tensor, 
     return resize_adjoint(frame, (hs, ws)), wide.sum(dim=(2, 3)), (wide * wide).sum(dim=(2, 3))
 
 
-def place_cross(per_image: list[Tensor], student_hw: tuple[int, int], device: torch.device | None = None) -> Tensor:
-    """Stack stored ``cross`` maps (C, h_i, w_i) into (N, C, Hs, Ws) for a batch frame at the student's size.
+def fold_cross(cross: Tensor) -> Tensor:
+    """Stored ``cross`` maps placed in a frame one row and column larger than the batch's (N, C, Hs+1, Ws+1),
+    zero past each image's own, -> (N, C, Hs, Ws).
 
-    A map one row (column) larger than the frame belongs to an image that fills the frame: the
-    resize clamps at the frame's last row, so that row's weight folds into the last row in the frame.
-    """
-    height, width = student_hw
-    out = torch.zeros(len(per_image), per_image[0].shape[0], height, width, device=device)
-    for i, cross in enumerate(per_image):
-        cross = cross.to(device=device, dtype=out.dtype)
-        if cross.shape[1] > height + 1 or cross.shape[2] > width + 1:
-            raise ValueError(f"stored projection {tuple(cross.shape)} exceeds the batch frame {student_hw} by more "
-                             "than one")
-        if cross.shape[1] > height:
-            cross = torch.cat([cross[:, : height - 1], cross[:, height - 1:].sum(dim=1, keepdim=True)], dim=1)
-        if cross.shape[2] > width:
-            cross = torch.cat([cross[:, :, : width - 1], cross[:, :, width - 1:].sum(dim=2, keepdim=True)], dim=2)
-        out[i, :, : cross.shape[1], : cross.shape[2]] = cross
-    return out
+    A map one row (column) larger than the frame belongs to an image that fills the frame: the resize clamps
+    at the frame's last row, so that row's weight folds into the last row in the frame (for the others the
+    extra row is zero)."""
+    rows = torch.cat([cross[:, :, :-2], cross[:, :, -2:].sum(dim=2, keepdim=True)], dim=2)
+    return torch.cat([rows[..., :-2], rows[..., -2:].sum(dim=3, keepdim=True)], dim=3)
 
 
 def _tridiagonal(values: Tensor, diagonal: Tensor, upper: Tensor, dim: int) -> Tensor:
@@ -174,13 +164,33 @@ class StudentOperators:
         return _tridiagonal(_tridiagonal(values, *self.cols, dim=-1), *self.rows, dim=-2)
 
 
+_AXIS_TABLES: dict[tuple[int, int, str], Tensor] = {}  # (student length, teacher length, device) -> table
+KEPT_AXIS_TABLES = 256  # tables kept at most (one per frame size and level a run meets)
+
+
+def axis_table(n_student: int, n_teacher: int, device: torch.device | None = None) -> Tensor:
+    """(n_teacher + 1, 3, n_student) float32: row ``v`` holds, for an image valid on its first ``v`` teacher
+    cells of this axis, ``m U``, ``m U**2`` and ``m (U[:, :-1] * U[:, 1:])`` (zero-padded by one), ``m`` that
+    mask and ``U`` the (n_teacher, n_student) resize weights: prefix sums (float64), so an image's factors are
+    one lookup. Built once per sizes and device."""
+    key = (n_student, n_teacher, str(device))
+    if key not in _AXIS_TABLES:
+        matrix = interpolation_matrix(n_student, n_teacher, device).double()
+        upper = F.pad(matrix[:, :-1] * matrix[:, 1:], (0, 1))
+        terms = torch.stack([matrix, matrix.square(), upper], dim=1).cumsum(dim=0)
+        if len(_AXIS_TABLES) >= KEPT_AXIS_TABLES:
+            _AXIS_TABLES.clear()
+        _AXIS_TABLES[key] = F.pad(terms, (0, 0, 0, 0, 1, 0)).float()
+    return _AXIS_TABLES[key]
+
+
 def student_operators(valid_hw: Tensor, student_hw: tuple[int, int], teacher_hw: tuple[int, int]) -> StudentOperators:
     """:class:`StudentOperators` for valid rectangles (N, 2) in a teacher frame, student frame ``student_hw``."""
     factors = []
     for axis in (0, 1):
-        matrix = interpolation_matrix(student_hw[axis], teacher_hw[axis], valid_hw.device)  # (Lt, Ls)
-        mask = (torch.arange(teacher_hw[axis], device=valid_hw.device)[None] < valid_hw[:, axis:axis + 1]).float()
-        factors.append((mask @ matrix, mask @ matrix.square(), mask @ (matrix[:, :-1] * matrix[:, 1:])))
+        table = axis_table(student_hw[axis], teacher_hw[axis], valid_hw.device)
+        total, diagonal, upper = table[valid_hw[:, axis]].unbind(dim=1)  # (N, Ls) each
+        factors.append((total, diagonal, upper[:, :-1]))
     (row_sum, row_diag, row_upper), (col_sum, col_diag, col_upper) = factors
     mean_weight = row_sum[:, None, :, None] * col_sum[:, None, None, :]
     return StudentOperators(mean_weight, (row_diag, row_upper), (col_diag, col_upper))

@@ -1,5 +1,5 @@
-"""Batching of per-image teacher maps (or their stored projections) and valid-region masks at the
-student's padded batch size."""
+"""Batching of teacher maps (or their stored projections) and valid-region masks at the student's padded batch
+size: batched tensor operations, none per image; the per-image sizes reach the device as one copy."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from pkd_offline.errors import PkdError
-from pkd_offline.projection import TeacherStatistics, place_cross
+from pkd_offline.projection import TeacherStatistics, fold_cross, rectangle_masks
+from pkd_offline.stored_batch import fit_trailing, pad_stack, to_device
 
 
 def level_size(padded_hw: tuple[int, int], stride: int) -> tuple[int, int]:
@@ -17,33 +18,76 @@ def level_size(padded_hw: tuple[int, int], stride: int) -> tuple[int, int]:
     return math.ceil(padded_hw[0] / stride), math.ceil(padded_hw[1] / stride)
 
 
+def valid_rectangles_at(image_hw: list[tuple[int, int]], strides: list[int],
+                        device: torch.device | None = None) -> dict[int, Tensor]:
+    """{stride: int64 (N, 2)}: each image's valid (rows, columns) cells at ``stride`` (ceil(h_i/stride),
+    ceil(w_i/stride)), on ``device``; computed on the host from the batch's sizes and copied there at once."""
+    host = torch.tensor([[level_size(hw, stride) for hw in image_hw] for stride in strides], dtype=torch.int64)
+    return dict(zip(strides, to_device(host, device).unbind(0)))
+
+
 def valid_masks(image_hw: list[tuple[int, int]], padded_hw: tuple[int, int], strides: list[int],
                 device: torch.device | None = None) -> dict[int, Tensor]:
     """{stride: bool (N, h, w)}: True on each image's unpadded region (ceil(h_i/stride), ceil(w_i/stride))."""
     masks = {}
-    for stride in strides:
-        height, width = level_size(padded_hw, stride)
-        mask = torch.zeros(len(image_hw), height, width, dtype=torch.bool, device=device)
-        for i, (h, w) in enumerate(image_hw):
-            mask[i, : math.ceil(h / stride), : math.ceil(w / stride)] = True
-        masks[stride] = mask
+    for stride, valid_hw in valid_rectangles_at(image_hw, strides, device).items():
+        rows, cols = rectangle_masks(valid_hw, level_size(padded_hw, stride), dtype=torch.bool)
+        masks[stride] = rows[:, :, None] & cols[:, None, :]
     return masks
 
 
 def pad_teacher_maps(per_image: list[dict[int, Tensor]], padded_hw: tuple[int, int],
                      device: torch.device | None = None) -> dict[int, Tensor]:
-    """Stack per-image maps {stride: (C, h_i, w_i)} into {stride: (N, C, H, W)} zero-padded to the batch size."""
+    """Stack per-image maps {stride: (C, h_i, w_i)} into float32 {stride: (N, C, H, W)} zero-padded (or cropped)
+    to the batch size, on ``device`` (the maps' own where None)."""
     batch = {}
     for stride in per_image[0]:
-        height, width = level_size(padded_hw, stride)
-        channels = per_image[0][stride].shape[0]
-        stacked = torch.zeros(len(per_image), channels, height, width, device=device)
-        for i, maps in enumerate(per_image):
-            source = maps[stride]
-            h, w = min(source.shape[1], height), min(source.shape[2], width)
-            stacked[i, :, :h, :w] = source[:, :h, :w].to(device=device, dtype=stacked.dtype)
-        batch[stride] = stacked
+        maps = [maps[stride] for maps in per_image]
+        stacked = pad_stack(maps, (maps[0].shape[0], *level_size(padded_hw, stride)))
+        batch[stride] = (stacked if device is None else to_device(stacked, device)).float()
     return batch
+
+
+def check_projected_frame(padded_hw: tuple[int, int], teacher_stride: int, student_hw: tuple[int, int]) -> None:
+    """PkdError unless the teacher frame is exactly twice the student's (the stored projection assumes it)."""
+    teacher_hw = level_size(padded_hw, teacher_stride)
+    if teacher_hw != (2 * student_hw[0], 2 * student_hw[1]):
+        raise PkdError(f"a projected store level (teacher stride {teacher_stride}) needs a student map of half the "
+                       f"teacher's {teacher_hw} in every batch, got {student_hw}: pad batches to a multiple of the "
+                       "student stride, or extract a full-map store")
+
+
+def stored_cross_hw(valid_hw: tuple[int, int]) -> tuple[int, int]:
+    """The (rows, columns) of a stored ``cross`` for an image of ``valid_hw`` teacher cells (``project_image``)."""
+    return math.ceil(valid_hw[0] / 2) + 1, math.ceil(valid_hw[1] / 2) + 1
+
+
+def check_cross_shapes(shapes: list[tuple[int, ...]], image_hw: list[tuple[int, int]], teacher_stride: int,
+                       student_hw: tuple[int, int]) -> None:
+    """ValueError unless each stored ``cross`` (C, h_i, w_i) has the size its image's projection gives and fits
+    the batch frame ``student_hw`` (at most one row and column more); from shapes alone (nothing waits)."""
+    for shape, hw in zip(shapes, image_hw):
+        if tuple(shape[-2:]) != stored_cross_hw(level_size(hw, teacher_stride)):
+            raise ValueError(f"stored projection {tuple(shape)} is not the size an image of {hw} px projects to at "
+                             f"stride {teacher_stride}")
+        if shape[-2] > student_hw[0] + 1 or shape[-1] > student_hw[1] + 1:
+            raise ValueError(f"stored projection {tuple(shape)} exceeds the batch frame {student_hw} by more "
+                             "than one")
+
+
+def batch_statistics(cross: Tensor, sums: Tensor, sums_sq: Tensor, valid_hw: Tensor, padded_hw: tuple[int, int],
+                     teacher_stride: int, student_hw: tuple[int, int]) -> TeacherStatistics:
+    """One projected level of a batch, from its stacked stored values on one device: ``cross`` (N, C, h, w) as
+    decoded (each image's own (h_i, w_i) top-left, whatever past it), ``sums`` and ``sums_sq`` (N, C) float64,
+    ``valid_hw`` int64 (N, 2) teacher cells. The frame is checked with :func:`check_projected_frame`."""
+    check_projected_frame(padded_hw, teacher_stride, student_hw)
+    frame = (student_hw[0] + 1, student_hw[1] + 1)
+    cross = fit_trailing(cross, frame)
+    stored_hw = torch.div(valid_hw + 1, 2, rounding_mode="floor") + 1
+    rows, cols = rectangle_masks(stored_hw, frame)
+    return TeacherStatistics(cross=fold_cross(cross * (rows[:, None, :, None] * cols[:, None, None, :])),
+                             sum=sums.double(), sum_sq=sums_sq.double(), valid_hw=valid_hw,
+                             teacher_hw=level_size(padded_hw, teacher_stride))
 
 
 def projected_statistics(per_image: list[tuple[Tensor, Tensor, Tensor]], image_hw: list[tuple[int, int]],
@@ -52,17 +96,13 @@ def projected_statistics(per_image: list[tuple[Tensor, Tensor, Tensor]], image_h
     """Batch one level of a projected store: per image (cross (C, h_i, w_i), sum (C,), sum_sq (C,)) as stored,
     for a batch padded to ``padded_hw`` px whose student map is ``student_hw``.
 
-    PkdError unless the teacher frame is exactly twice the student's (the stored projection assumes it).
+    PkdError unless the teacher frame is exactly twice the student's (the stored projection assumes it);
+    ValueError where a stored cross does not fit its image.
     """
-    teacher_hw = level_size(padded_hw, teacher_stride)
-    if teacher_hw != (2 * student_hw[0], 2 * student_hw[1]):
-        raise PkdError(f"a projected store level (teacher stride {teacher_stride}) needs a student map of half the "
-                       f"teacher's {teacher_hw} in every batch, got {student_hw}: pad batches to a multiple of the "
-                       "student stride, or extract a full-map store")
-    valid_hw = torch.tensor([level_size(hw, teacher_stride) for hw in image_hw], device=device)
-    return TeacherStatistics(
-        cross=place_cross([cross for cross, _, _ in per_image], student_hw, device),
-        sum=torch.stack([torch.as_tensor(total) for _, total, _ in per_image]).to(device=device, dtype=torch.float64),
-        sum_sq=torch.stack([torch.as_tensor(square) for _, _, square in per_image]).to(device=device,
-                                                                                        dtype=torch.float64),
-        valid_hw=valid_hw, teacher_hw=teacher_hw)
+    check_projected_frame(padded_hw, teacher_stride, student_hw)
+    check_cross_shapes([cross.shape for cross, _, _ in per_image], image_hw, teacher_stride, student_hw)
+    crosses, sums, squares = zip(*per_image)
+    where = per_image[0][0].device if device is None else device
+    valid_hw = valid_rectangles_at(image_hw, [teacher_stride], where)[teacher_stride]
+    return batch_statistics(pad_stack([c.float() for c in crosses]).to(where), torch.stack(sums).to(where),
+                            torch.stack(squares).to(where), valid_hw, padded_hw, teacher_stride, student_hw)

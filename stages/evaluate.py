@@ -21,26 +21,30 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pkd_offline.checkpoint import load_detector
+from pkd_offline.config import WEIGHTS_HELP, check_config, setting
 from pkd_offline.data import CocoDetection, collate
 from pkd_offline.distributed import Ranks, gather_lists, resolve_device
 from pkd_offline.errors import PkdError
 from pkd_offline.evaluate import coco_box_ap, coco_results, detect, predict
 from pkd_offline.views import View, boxes_to_original
-from stages.store_data import StoreImages
+from pkd_offline.store_data import StoreImages
 from storage import open_store
 
 
 @dataclass
 class EvalConfig:
-    checkpoint: Path = Path("runs/student/model.pt")
-    data: Path = Path("data/synth")
-    split: str = "val"
-    store: str | None = None  # a val store (extract --split val --with-images), path or URL: read instead of data
-    out: Path | None = None
-    device: str = "cpu"
-    batch_size: int = 8
-    workers: int = 0
-    progress: bool = True
+    """What `eval` measures: a checkpoint on a val set (a data directory or a val store)."""
+
+    checkpoint: Path = setting(Path("runs/student/model.pt"), help=f"a model.pt: {WEIGHTS_HELP}")
+    data: Path = setting(Path("data/synth"), help="data directory (images and annotations/instances_SPLIT.json)")
+    split: str = setting("val", help="split of --data to evaluate on")
+    store: str | None = setting(None, help="read the val set from this store (path or URL) written by `extract "
+                                           "--split val --with-images`, instead of --data")
+    out: Path | None = setting(None, help="write the metrics JSON here")
+    device: str = setting("cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    batch_size: int = setting(8, help="images per forward pass")
+    workers: int = setting(0, help="DataLoader worker processes")
+    progress: bool = setting(True, help="no progress bars")
 
 
 class StoreValSet(IterableDataset):
@@ -175,6 +179,7 @@ def box_ap(model: torch.nn.Module, val: CocoDetection | StoreValSet, device: tor
 def evaluate(cfg: EvalConfig) -> dict[str, float]:
     """Box AP (0..1) ``mAP``, ``AP50``, ``AP75``, ``APs``, ``APm``, ``APl`` on ``cfg.store`` if set, else on
     ``cfg.data``/``cfg.split``; written to ``cfg.out`` if set."""
+    check_config(cfg)
     device = resolve_device(cfg.device)
     model, content = load_detector(cfg.checkpoint)
     view = View.from_dict(content["views"][0])

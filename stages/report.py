@@ -20,18 +20,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from pkd_offline.checkpoint import load_detector  # noqa: E402
+from pkd_offline.config import setting  # noqa: E402
 from pkd_offline.data import CocoDetection  # noqa: E402
 from pkd_offline.views import View  # noqa: E402
 
 
 @dataclass
 class ReportConfig:
-    runs: Path = Path("runs")
-    metrics: Path = Path("metrics")
-    plots: Path = Path("plots")
-    data: Path = Path("data/synth")
-    names: tuple[str, ...] = ("teacher", "baseline", "pkd_offline", "pkd_online")
-    feature_image: int = 0
+    """What the report reads (runs/NAME/, metrics/NAME.json, the val images) and where it writes."""
+
+    runs: Path = setting(Path("runs"), help="directory of the training runs, one per name")
+    metrics: Path = setting(Path("metrics"), help="directory of each run's metrics JSON; summary.json goes here")
+    plots: Path = setting(Path("plots"), help="directory of the curves (CSV) and figures (PNG)")
+    data: Path = setting(Path("data/synth"), help="data directory whose val split the feature figure shows")
+    names: tuple[str, ...] = setting(("teacher", "baseline", "pkd_offline", "pkd_online"), help="the runs reported")
+    feature_image: int = setting(0, help="index of the val image in the feature figure")
 
 
 def read_jsonl(path: Path) -> list[dict]:

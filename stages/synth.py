@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from pkd_offline.config import setting
 from pkd_offline.errors import PkdError
 
 MIN_IMAGE_SIZE = 64
@@ -37,23 +38,33 @@ PLACEMENT_TRIES = 12
 
 @dataclass
 class SynthConfig:
-    """What `synth` writes.
+    """What `synth` writes; the same config writes byte-identical files."""
 
-    out: root folder of the data set (created if missing).
-    train, val: number of images per split.
-    image_size: image width in pixels (the long side); heights are image_size or
-        round(0.75 * image_size).
-    seed: seed of every random choice; the same config writes byte-identical files.
-    min_object_side: smallest side of a (non-crowd) object's box in pixels; None: the default
-        max(6, 8 * image_size / 256). Larger values drop the smallest objects (an easier set).
-    """
+    out: Path = setting(help="root folder of the data set (created if missing)")
+    train: int = setting(64, help="number of train images")
+    val: int = setting(16, help="number of val images")
+    image_size: int = setting(256, help="image width in px (the long side); heights are image_size or "
+                                        "round(0.75 * image_size)")
+    seed: int = setting(0, help="seed of every random choice")
+    min_object_side: float | None = setting(None, help="smallest side of a (non-crowd) object's box, px; unset: "
+                                                       "max(6, 8 * image_size / 256); larger drops the smallest "
+                                                       "objects (an easier set)")
 
-    out: Path
-    train: int = 64
-    val: int = 16
-    image_size: int = 256
-    seed: int = 0
-    min_object_side: float | None = None
+    def validate(self) -> None:
+        """PkdError when out is an existing file, train < 1, val < 0, image_size < 64, or min_object_side is
+        outside [1, 0.6 * image_size) px."""
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise PkdError(f"synth: output path {out} exists and is not a directory")
+        if self.train < 1:
+            raise PkdError(f"synth: train must be at least 1 image, got {self.train}")
+        if self.val < 0:
+            raise PkdError(f"synth: val must be at least 0 images, got {self.val}")
+        if self.image_size < MIN_IMAGE_SIZE:
+            raise PkdError(f"synth: image_size must be at least {MIN_IMAGE_SIZE} px, got {self.image_size}")
+        if self.min_object_side is not None and not 1.0 <= self.min_object_side < 0.6 * self.image_size:
+            raise PkdError(f"synth: min_object_side must be in [1, {0.6 * self.image_size:g}) px (0.6 x image_size), "
+                           f"got {self.min_object_side}")
 
 
 # ---- shapes: unit polygons centred on the origin, (N, 2) float arrays ---------------
@@ -319,22 +330,11 @@ def _write_split(
 def synth(cfg: SynthConfig) -> Path:
     """Write the synthetic data set described in the module docstring; return cfg.out.
 
-    Image ids run 1..train for train and train+1..train+val for val. Raises PkdError when
-    cfg.out is an existing file, train < 1, val < 0, image_size < 64, or min_object_side is outside
-    [1, 0.6 * image_size) px.
+    Image ids run 1..train for train and train+1..train+val for val. Raises PkdError for values
+    :meth:`SynthConfig.validate` refuses.
     """
+    cfg.validate()
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise PkdError(f"synth: output path {out} exists and is not a directory")
-    if cfg.train < 1:
-        raise PkdError(f"synth: train must be at least 1 image, got {cfg.train}")
-    if cfg.val < 0:
-        raise PkdError(f"synth: val must be at least 0 images, got {cfg.val}")
-    if cfg.image_size < MIN_IMAGE_SIZE:
-        raise PkdError(f"synth: image_size must be at least {MIN_IMAGE_SIZE} px, got {cfg.image_size}")
-    if cfg.min_object_side is not None and not 1.0 <= cfg.min_object_side < 0.6 * cfg.image_size:
-        raise PkdError(f"synth: min_object_side must be in [1, {0.6 * cfg.image_size:g}) px (0.6 x image_size), "
-                       f"got {cfg.min_object_side}")
     out.mkdir(parents=True, exist_ok=True)
     # One generator per split, so the val images do not depend on how many train images exist.
     train_rng, val_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(2))

@@ -7,7 +7,7 @@ never webdataset, which loads torch), so a store is written and read without the
 (``tests/test_storage_roundtrip.py`` checks it in a fresh process). Nothing is ever unpickled from a store.
 """
 
-from storage.codecs import CODECS
+from storage.codecs import CODECS, codec_help, codec_names
 from storage.errors import StoreError
 from storage.inspect import describe
 from storage.manifest import LevelSpec, Manifest, ShardRecord
@@ -15,6 +15,6 @@ from storage.sample import Sample
 from storage.store import create_store, detect_format, open_store
 
 __all__ = [
-    "CODECS", "LevelSpec", "Manifest", "Sample", "ShardRecord", "StoreError", "create_store", "describe",
-    "detect_format", "open_store",
+    "CODECS", "LevelSpec", "Manifest", "Sample", "ShardRecord", "StoreError", "codec_help", "codec_names",
+    "create_store", "describe", "detect_format", "open_store",
 ]

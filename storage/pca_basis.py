@@ -22,7 +22,7 @@ import numpy as np
 from storage.errors import StoreError
 
 SIDE_NAME = "codec_side.npz"
-DEFAULT_STEP = 0.1  # channel std units at the finest level; the bits study's point (metrics/bits-study-cpu.json)
+DEFAULT_STEP = 0.1  # the finest level's step, in channel standard deviations
 LEVEL_POWER = 0.5  # a level of stride s gets DEFAULT_STEP * (finest / s) ** LEVEL_POWER: coarse levels hold few values
 
 
@@ -41,6 +41,29 @@ class LevelBasis:
     @property
     def channels(self) -> int:
         return int(self.mean.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its float32 arrays (mean, scale, components): the side information it adds to a store."""
+        return 4 * (self.mean.size + self.scale.size + self.components.size)
+
+    def component_steps(self, features: np.ndarray) -> np.ndarray:
+        """Features (C, H, W) -> their components in steps (C, H, W) float64, integer valued: each channel
+        standardised (``(x - mean) / scale``), rotated onto the components (``components^T``), divided by ``step``
+        and rounded half to even; all in float64."""
+        channels = features.shape[0]
+        flat = np.asarray(features).reshape(channels, -1).astype(np.float64)
+        standard = (flat - self.mean.astype(np.float64)[:, None]) / self.scale.astype(np.float64)[:, None]
+        steps = np.rint(self.components.T.astype(np.float64) @ standard / self.step)
+        return steps.reshape(np.shape(features))
+
+    def features_from_steps(self, steps: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`component_steps` up to its rounding: steps (C, H, W) -> features float32 (C, H, W),
+        rotated back and de-standardised in float64."""
+        channels = steps.shape[0]
+        standard = self.components.astype(np.float64) @ (np.asarray(steps).reshape(channels, -1) * self.step)
+        flat = standard * self.scale.astype(np.float64)[:, None] + self.mean.astype(np.float64)[:, None]
+        return flat.astype(np.float32).reshape(np.shape(steps))
 
 
 def fit_level_basis(maps: list[np.ndarray], step: float) -> LevelBasis:

@@ -1,9 +1,9 @@
 """Direct reads of one sample's chunk from a local zarr v3 shard file, without zarr's async read path.
 
-A ``ZarrReader`` reads a sample as one inner chunk of every array part (15 parts for a tiny int8 P2..P6
-sample). Through zarr each read is a trip through its event loop and codec pipeline, about 1 ms a part
-on the 2-core CPU, more than the student spends on the sample. This module reads the same bytes the
-way zarr's ``ShardingCodec`` lays them out (zarr v3 specification, sharding_indexed, index at the end):
+A ``ZarrReader`` reads a sample as one inner chunk of every array part (an int8 level has three: ``q``,
+``scale``, ``offset``). Through zarr each read is a trip through its event loop and codec pipeline; this module
+reads the same bytes from the shard file itself, the way zarr's ``ShardingCodec`` lays them out (zarr v3
+specification, sharding_indexed, index at the end):
 
 - the shard file ends with its index: per inner chunk two little-endian uint64 (offset, length),
   ``2**64 - 1`` twice for an absent chunk, then the index's crc32c (4 bytes, little-endian);

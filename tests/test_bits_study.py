@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.bits_study import (channel_pearson, cosine, default_point, fit_pca_basis, level_steps, measure,
-                                   parse_pca_points, pca_codec, pkd_gradients, store_codec, uniform_bits,
-                                   unsigned_code_bytes)
+from benchmarks.bits_study import (channel_pearson, cosine, default_point, measure, parse_pca_points, pca_codec,
+                                   pkd_gradients, store_codec, uniform_bits, unsigned_code_bytes)
 from pkd_offline.engine import Distillation
-from storage.codecs import zigzag
+from storage.codecs.pca import zigzag
+from storage.pca_basis import fit_level_basis, level_steps
 
 CHANNELS = 6
 PAIRS = [(8, 4), (16, 8)]  # index pairing: student P3, P4 against teacher P2, P3
@@ -124,7 +124,7 @@ def test_pca_reconstructs_at_a_fine_step_and_spends_little_on_what_the_basis_lea
     generator = np.random.default_rng(3)
     fit = [_maps(generator, (16, 16)) for _ in range(6)]
     values = _maps(generator, (16, 16))
-    bases = {4: fit_pca_basis(fit)}
+    bases = {4: fit_level_basis(fit, 0.1)}
     assert np.allclose(bases[4].components.T @ bases[4].components, np.eye(CHANNELS), atol=1e-5)
     std = values.std(axis=(1, 2))[:, None, None]
     fine, fine_bytes = pca_codec(bases, {4: 1e-4})(values, 4)
@@ -133,13 +133,16 @@ def test_pca_reconstructs_at_a_fine_step_and_spends_little_on_what_the_basis_lea
     assert np.abs(coarse - values).max() > 1e-2 * std.min()
     assert coarse_bytes < fine_bytes
     # Three fields make three strong components; the noise components round to zero at a coarse step.
-    assert bases[4].variances[:3].sum() > 0.95 * CHANNELS
+    flat = np.concatenate([m.reshape(CHANNELS, -1) for m in fit], axis=1).astype(np.float64)
+    standard = (flat - bases[4].mean[:, None]) / bases[4].scale[:, None]
+    variances = (bases[4].components.T.astype(np.float64) @ standard).var(axis=1)
+    assert variances[:3].sum() > 0.95 * CHANNELS
     assert coarse_bytes < uniform_bits(4)(values, 4)[1]
 
 
 def test_pca_points_give_coarse_levels_finer_steps():
-    assert level_steps(0.1, 0.5, [4, 8, 16]) == pytest.approx({4: 0.1, 8: 0.1 / 2**0.5, 16: 0.05})
-    assert level_steps(0.1, 0.0, [4, 16]) == {4: 0.1, 16: 0.1}
+    assert level_steps(0.1, [4, 8, 16], 0.5) == pytest.approx({4: 0.1, 8: 0.1 / 2**0.5, 16: 0.05})
+    assert level_steps(0.1, [4, 16], 0.0) == {4: 0.1, 16: 0.1}
     assert parse_pca_points("0.1, 0.05@0", 0.5) == [("pca 0.1", 0.1, 0.5), ("pca 0.05 (level power 0)", 0.05, 0.0)]
 
 
@@ -185,11 +188,10 @@ def test_the_study_runs_on_a_store_and_its_student_and_refuses_a_projected_store
                                 out=tmp_path / "run", features=store, level_map="index", iters=1, batch_size=4,
                                 workers=0, short_side=128, max_size=128, val_split=None, warmup_iters=1,
                                 optimizer="adamw", lr=1e-3, progress=False))
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bits_study.py"
-    command = [sys.executable, str(script), str(store), "--student", str(student), "--data", str(synth_data),
+    command = [sys.executable, "-m", "benchmarks.bits_study", str(store), "--student", str(student), "--data", str(synth_data),
                "--batches", "1", "--batch-size", "4", "--fit-samples", "4", "--pca-steps", "0.1",
                "--json", str(tmp_path / "bits.json"), "--plot", str(tmp_path / "bits.png")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-2000:]
     line = json.loads(result.stdout.strip().splitlines()[-1])
     assert line == json.loads((tmp_path / "bits.json").read_text()) and (tmp_path / "bits.png").stat().st_size > 0
@@ -206,6 +208,7 @@ def test_the_study_runs_on_a_store_and_its_student_and_refuses_a_projected_store
 
     projected = extract(ExtractConfig(out=tmp_path / "projected.zarr", layout="projected", student_levels="3,4,5,6",
                                       **settings))
-    refused = subprocess.run([*command[:2], str(projected), *command[3:]], capture_output=True, text=True, timeout=600)
+    refused = subprocess.run([*command[:3], str(projected), *command[4:]], capture_output=True, text=True, timeout=600,
+                             cwd=Path(__file__).resolve().parents[1])
     assert refused.returncode == 2 and "projected layout" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1

@@ -7,6 +7,9 @@ import pytest
 import torch
 
 import stages.extract
+from pkd_offline.extraction.encode import finish, launch_encode
+from pkd_offline.extraction.teacher_maps import teacher_levels
+from pkd_offline.extraction.writers import ShardWriterThread
 from pkd_offline.checkpoint import save_checkpoint
 from pkd_offline.data import CocoDetection
 from pkd_offline.errors import PkdError
@@ -14,7 +17,7 @@ from pkd_offline.views import View, make_views
 from pkd_offline.projection import project_image
 from pkd_offline.pyramid import level_size
 from stages.extract import ExtractConfig, extract
-from stages.teachers import load_teacher
+from pkd_offline.teachers import load_teacher
 from stages.verify import VerifyConfig, verify
 from storage import CODECS, StoreError, describe, open_store
 from storage.testing import killed_copy
@@ -99,13 +102,13 @@ def test_resumed_extraction_equals_uninterrupted(synth_data, tmp_path, store_nam
 def test_several_shard_writer_threads_write_the_same_store(synth_data, tmp_path, store_name, monkeypatch):
     one = extract(config(synth_data, tmp_path / "one" / store_name))
     threads = []
-    original = stages.extract.ShardWriterThread.__init__
+    original = ShardWriterThread.__init__
 
     def spy(self, *args, **kwargs):
         original(self, *args, **kwargs)
         threads.append(self)
     monkeypatch.setattr(stages.extract, "default_writer_threads", lambda: 3)
-    monkeypatch.setattr(stages.extract.ShardWriterThread, "__init__", spy)
+    monkeypatch.setattr(ShardWriterThread, "__init__", spy)
     three = extract(config(synth_data, tmp_path / "three" / store_name))
     assert threads[0].writers == 3 and threads[0].written == open_store(str(three)).manifest.n_shards == 4
     assert describe(open_store(str(three)))["digest"] == describe(open_store(str(one)))["digest"]
@@ -213,6 +216,12 @@ def test_with_images_stores_the_image_bytes_and_the_view_target(synth_data, tmp_
     assert plain.read(0).extras == {}
 
 
+def run_teacher(teacher, batch: list[dict], strides: list[int], device: torch.device, n_views: int, codec: str,
+                projected: frozenset[int] = frozenset()):
+    """Teacher FPN maps of one same-size batch as Samples encoded with ``codec`` (forward, encode, finish)."""
+    maps = teacher_levels(teacher, batch, strides, device, projected)
+    return finish(launch_encode(batch, maps, strides, codec), n_views)
+
 
 class PlantedTeacher:
     """Teacher maps of zeros with one planted value at (image 1, stride 8, one position)."""
@@ -231,8 +240,8 @@ def test_one_non_finite_value_is_found_and_its_image_named(value):
     batch = [{"image": torch.zeros(3, 32, 32), "image_id": 100 + i, "view_index": 0, "image_index": i,
               "image_hw": (32, 32)} for i in range(3)]
     with pytest.raises(PkdError, match=r"image 101 \(view 0, stride 8\) hold NaN or Inf"):
-        stages.extract.run_teacher(PlantedTeacher(value), batch, [4, 8], torch.device("cpu"), 1, "fp16")
-    samples = stages.extract.run_teacher(PlantedTeacher(1e4), batch, [4, 8], torch.device("cpu"), 1, "fp16")
+        run_teacher(PlantedTeacher(value), batch, [4, 8], torch.device("cpu"), 1, "fp16")
+    samples = run_teacher(PlantedTeacher(1e4), batch, [4, 8], torch.device("cpu"), 1, "fp16")
     assert float(samples[1].features[8].parts["values"][2, 3, 1]) == 1e4
 
 
@@ -251,7 +260,7 @@ def test_projected_levels_of_a_batch_with_mixed_valid_sizes_equal_each_images_ow
     batch = [{"image": torch.zeros(3, 48, 48), "image_id": i, "view_index": 0, "image_index": i, "image_hw": hw}
              for i, hw in enumerate(sizes)]
     teacher = SeededTeacher()
-    samples = stages.extract.run_teacher(teacher, batch, [4, 8], torch.device("cpu"), 1, "fp32", frozenset({4, 8}))
+    samples = run_teacher(teacher, batch, [4, 8], torch.device("cpu"), 1, "fp32", frozenset({4, 8}))
     maps, _ = teacher.features(batch)
     for sample, hw in zip(samples, sizes):
         for s in (4, 8):
@@ -265,7 +274,44 @@ def test_a_value_past_the_codecs_range_is_reported_when_the_batch_is_finished():
     """The fp16 range check is read back with the batch (not where it is launched) and names the batch's images."""
     batch = [{"image": torch.zeros(3, 32, 32), "image_id": 100 + i, "view_index": 0, "image_index": i,
               "image_hw": (32, 32)} for i in range(3)]
-    maps = stages.extract.teacher_levels(PlantedTeacher(1e6), batch, [4, 8], torch.device("cpu"))
-    launched = stages.extract.launch_encode(batch, maps, [4, 8], "fp16")
+    maps = teacher_levels(PlantedTeacher(1e6), batch, [4, 8], torch.device("cpu"))
+    launched = launch_encode(batch, maps, [4, 8], "fp16")
     with pytest.raises(PkdError, match=r"images \[100, 101, 102\]: features exceed the fp16 range"):
-        stages.extract.finish(launched, 1)
+        finish(launched, 1)
+
+
+@pytest.mark.parametrize("layout", [{}, {"layout": "projected", "levels": "2,3,4,5", "student_levels": "3,4,5,6"}])
+def test_batches_padded_to_the_batch_size_write_the_same_samples_and_values(synth_data, tmp_path, monkeypatch, layout):
+    """With CUDA graphs every batch is padded to --batch-size images (one graph per padded size); the padding's
+    maps are dropped. Forced here on the CPU: the store holds the same samples with the same values (up to the
+    float rounding that a batch's size changes)."""
+    settings = dict(codec="fp32", batch_size=3, **layout)
+    plain = open_store(str(extract(config(synth_data, tmp_path / "plain.zarr", **settings))))
+    sizes = []
+
+    def padded(teacher, batch, *args, **kwargs):
+        sizes.append(len(batch))
+        return teacher_levels(teacher, batch, *args, **{**kwargs, "pad_to": 3})
+    monkeypatch.setattr(stages.extract, "teacher_levels", padded)
+    store = open_store(str(extract(config(synth_data, tmp_path / "padded.zarr", **settings))))
+    assert min(sizes) < 3 and sum(sizes) == len(store) == len(plain) == 16  # partial batches were padded
+    for index in range(len(plain)):
+        expected, got = plain.read(index), store.read(index)
+        assert (got.index, got.image_id, got.view_index, got.image_hw) == \
+            (expected.index, expected.image_id, expected.view_index, expected.image_hw)
+        for stride, values in expected.features.items():
+            np.testing.assert_allclose(got.features[stride], values, rtol=1e-4, atol=1e-5)  # batch size: float rounding only
+        for stride, sums in expected.statistics.items():
+            np.testing.assert_allclose(got.statistics[stride]["sum"], sums["sum"], rtol=1e-4, atol=1e-5)  # batch size: float rounding only
+
+
+@pytest.mark.parametrize("setting,needle", [(dict(codec="fp8"), "unknown codec 'fp8': choose one of fp32"),
+                                            (dict(on_error="ignore"), "unknown on-error value 'ignore': choose one of stop, skip"),
+                                            (dict(store_format="tar"), "unknown store format 'tar': choose one of zarr, wds"),
+                                            (dict(teacher="yolo"), "unknown teacher 'yolo': choose one of retinanet"),
+                                            (dict(batch_size=0), "--batch-size must be at least 1, got 0"),
+                                            (dict(codec="pca", pca_step=-1.0), "--pca-step must be > 0")])
+def test_a_config_is_validated_in_one_place_naming_the_flag(tmp_path, setting, needle):
+    with pytest.raises(PkdError, match=needle.replace("(", r"\(")):
+        config(tmp_path, tmp_path / "f.zarr", **setting).validate()
+    config(tmp_path, tmp_path / "f.zarr").validate()  # the defaults pass

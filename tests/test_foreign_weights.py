@@ -19,7 +19,7 @@ from pkd_offline.errors import PkdError
 from pkd_offline.models import build_detector
 from pkd_offline.models.foreign_weights import load_backbone_weights, unfold_to_concat_order
 from pkd_offline.models.swin import TINY_SWIN
-from stages.teachers import load_teacher
+from pkd_offline.teachers import load_teacher
 
 FPN = 64  # the tiny variant's FPN width
 WINDOW = 7

@@ -12,8 +12,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import stages.extract
+import pkd_offline.precision
+from benchmarks.results import result_name
 from pkd_offline.distributed import finish, init_ranks
+from pkd_offline.extraction.pipeline import EXTRACT_PHASES
 from stages.extract import ExtractConfig, extract
 from stages.synth import SynthConfig, synth
 from stages.verify import VerifyConfig, verify
@@ -47,10 +49,21 @@ def test_quick_cpu_check_ends_with_one_whole_json_line(tmp_path):
     assert set(figures["peak_gpu_memory_gb"]) == set(MODES)
     assert all(value is None for value in figures["peak_gpu_memory_gb"].values()), "no GPU memory on a CPU run"
     assert set(figures["step_seconds"]) == set(MODES) and all(v > 0 for v in figures["step_seconds"].values())
+    # each step ratio beside its 95% interval over blocks; the headline is the worse store format's
+    for key in ("step_ratio_offline_over_alone", "step_ratio_offline_zarr_over_alone",
+                "step_ratio_offline_wds_over_alone", "step_ratio_online_over_alone", "offline_over_online"):
+        low, high = figures[f"{key}_ci95"]
+        assert 0 < low <= high, key
+    worse = figures["offline_worse_format"]
+    assert figures["step_ratio_offline_over_alone_ci95"] == figures[f"step_ratio_offline_{worse}_over_alone_ci95"]
+    assert set(figures["step_breakdown_ms"]) == set(MODES)
+    assert {"loader", "copy", "decode", "pkd_forward", "pkd_backward"} <= set(figures["step_breakdown_ms"]["offline_zarr"])
+    assert "teacher" in figures["step_breakdown_ms"]["online"]
+    assert (tmp_path / result_name(figures["provenance"])).read_text().strip() == last
     assert set(figures["read_samples_per_s"]) == {"images_only", "zarr", "wds"}
     assert set(figures["extract_ratio_over_forward_per_format"]) == {"zarr", "wds"}
     assert figures["extract_ratio_over_forward"] == min(figures["extract_ratio_over_forward_per_format"].values())
-    assert figures["verify"]["ok"] and figures["extract"]["codec"] in ("fp32", "fp16", "int8")  # the default one
+    assert figures["verify"]["ok"] and figures["extract"]["codec"] == figures["codec"] == "pca"  # the paper pair's
     assert figures["torchrun"]["backend"] == "gloo" and len(figures["torchrun"]["train_losses"]) == 2
     assert figures["torchrun"]["store_digest_equal_to_single_process"]
     assert (tmp_path / "gpu_check.json").read_text().strip() == last
@@ -74,10 +87,10 @@ def test_quick_check_of_a_projected_int8_store_gives_the_online_loss(tmp_path):
         assert manifest.codec == "int8" and manifest.layout["pairs"] == [[8, 4], [16, 8], [32, 16], [64, 32]]
     assert figures["offline_online_loss_rel_diff"] < figures["loss_check"]["tolerance"]
     assert figures["loss_check"]["loss"]["offline_zarr"] > 1.0  # a real loss, not an empty one
-    # extract's second summary line, parsed: where its main loop waited (what isolates a slow extraction).
+    # extract's record (--record): where its main loop waited (what isolates a slow extraction).
     phases = figures["extract"]["phase_seconds"]
     for name in ("zarr", "wds"):
-        assert set(phases[name]) == set(stages.extract.EXTRACT_PHASES)
+        assert set(phases[name]) == set(EXTRACT_PHASES)
         assert phases[name]["teacher"] > 0 and sum(phases[name].values()) <= figures["extract"]["seconds"][name]
     # the batch section: each piece of one batch's path timed, on the store's own projected strides
     path = figures["batch_path"]
@@ -94,7 +107,7 @@ def tiny_data(tmp_path_factory):
 def test_verify_recomputes_in_the_precision_extract_used(tiny_data, tmp_path, monkeypatch):
     """On CUDA extract runs the teacher in bf16; verify must too (bf16 vs float32 maps differ at
     r ~ 0.9999). CPU autocast stands in for the CUDA one: the fp32 codec's threshold is 0.99999."""
-    monkeypatch.setattr(stages.extract, "AUTOCAST_DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(pkd_offline.precision, "AUTOCAST_DEVICE_TYPES", ("cuda", "cpu"))
     store = extract(ExtractConfig(teacher="swin", random_init=True, variant="tiny", data=tiny_data, out=tmp_path / "f.zarr",
                                   codec="fp32", short_side=96, max_size=96, workers=0, progress=False))
     report = verify(VerifyConfig(store=str(store), data=tiny_data, samples=3, progress=False))

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pkd_offline.graphed_forward import GraphedForward, graphed_backbone
-from stages.extract import teacher_autocast
-from stages.teachers import load_teacher
+from pkd_offline.precision import forward_autocast
+from pkd_offline.teachers import load_teacher
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -45,7 +45,7 @@ def test_replays_equal_the_forward_and_each_result_outlives_the_next_call():
     generator = torch.Generator(device="cpu").manual_seed(0)
     shapes = [(2, 3, 64, 96), (2, 3, 96, 64), (2, 3, 64, 96), (1, 3, 128, 128), (2, 3, 64, 96)]
     inputs = [torch.rand(shape, generator=generator).to(device) for shape in shapes]
-    with teacher_autocast(device):
+    with forward_autocast(device):
         eager = [teacher.detector.backbone(x) for x in inputs]
         graphed = [backbone(x) for x in inputs]
     for expected, got in zip(eager, graphed):  # every result as it was when returned: none was overwritten

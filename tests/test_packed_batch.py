@@ -10,8 +10,8 @@ import torch.multiprocessing  # noqa: F401  (registers the tensor reducers with 
 from torch.utils.data import DataLoader, Dataset
 
 from pkd_offline.data import collate
+from pkd_offline.device_codecs import EncodedMap
 from pkd_offline.packed_batch import PackedBatch, pack_batch
-from pkd_offline.stored_maps import EncodedMap
 from storage.pca_basis import LevelBasis
 
 Pair = namedtuple("Pair", "first second")

@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numcodecs import Zstd
 
+from device_encoding import encode_checked, encode_on_device
 from pkd_offline.errors import PkdError
-from pkd_offline.stored_maps import DECODERS, ENCODERS, EncodedMap, encode_on_device
+from pkd_offline.device_codecs import DEVICE_CODECS, EncodedMap
 from stages.extract import ExtractConfig, extract
 from storage import CODECS, StoreError, describe, open_store
 from storage.codecs import EncodedLevel
@@ -136,9 +137,9 @@ def test_torch_twin_matches_the_storage_codec():
         np.testing.assert_allclose(decoded.numpy(), codec.decode(expected), rtol=0,
                                    atol=1e-5 * np.abs(features).max())
     with pytest.raises(ValueError, match="basis"):
-        ENCODERS["pca"](torch.from_numpy(held_out[0]), None)
+        encode_checked("pca", torch.from_numpy(held_out[0]), None)
     with pytest.raises(ValueError, match="basis"):
-        DECODERS["pca"](expected, None)
+        DEVICE_CODECS["pca"].decode(expected, None)
 
 
 def config(data, out, **overrides) -> ExtractConfig:
@@ -254,16 +255,16 @@ def test_manifest_requires_a_side_record_for_pca_and_none_for_other_codecs(pca_s
 def test_a_stores_basis_is_copied_to_the_device_once_and_decodes_as_numpy_does(monkeypatch):
     """Bases read from a side file carry a key (the file's sha256 and the stride); the decoder keeps their device
     copies, so a sample's decode does not copy the basis again. An unkeyed basis (a fresh fit) is never kept."""
-    import pkd_offline.stored_maps as stored_maps
+    import pkd_offline.device_codecs as device_codecs
 
     maps = correlated_maps(6, seed=3)
     side = side_bytes({4: fit_level_basis(maps[:4], 0.1), 8: fit_level_basis(maps[2:], 0.1)})
     bases = read_side(side, {4: 32, 8: 32}, "test")
     assert bases[4].key != bases[8].key and bases[4].key.startswith(__import__("hashlib").sha256(side).hexdigest())
-    monkeypatch.setattr(stored_maps, "_KEPT", {})
+    monkeypatch.setattr(device_codecs, "_KEPT", {})
     copies = []
     real = torch.from_numpy
-    monkeypatch.setattr(stored_maps.torch, "from_numpy", lambda values: copies.append(1) or real(values))
+    monkeypatch.setattr(device_codecs.torch, "from_numpy", lambda values: copies.append(1) or real(values))
     codec = CODECS["pca"].bound(bases[8])
     parts = codec.encode(maps[5])
     decoded = [EncodedMap("pca", {n: real(v) for n, v in parts.items()}, bases[8]).decode("cpu") for _ in range(3)]

@@ -22,7 +22,7 @@ from pkd_offline.projection import project_image, projection_is_exact
 from pkd_offline.pyramid import level_size, pad_teacher_maps, projected_statistics, valid_masks
 from stages.extract import ExtractConfig, extract
 from stages.inspect import inspect_store
-from stages.store_data import StoreJoinedDataset, StoreStream, store_views
+from pkd_offline.store_data import StoreJoinedDataset, StoreStream, store_views
 from stages.verify import VerifyConfig, verify
 from storage import Manifest, StoreError, describe, open_store
 from storage.testing import killed_copy
@@ -380,7 +380,7 @@ def test_training_runs_on_a_projected_store(synth_data, tmp_path, store_name, co
 
 def test_a_projected_store_needs_batches_padded_to_its_student_strides(synth_data, tmp_path):
     from pkd_offline.errors import PkdError
-    from stages.store_data import check_layout_fits
+    from pkd_offline.store_fit import check_layout_fits
 
     manifest = open_store(str(extract(projected(synth_data, tmp_path / "p.zarr")))).manifest
     check_layout_fits(manifest, INDEX_PAIRS, "index", 64)

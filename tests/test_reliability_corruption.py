@@ -407,7 +407,7 @@ def test_non_finite_loss_stops_naming_step_and_images_and_keeps_the_checkpoint(s
 
 def test_nan_teacher_features_refuse_to_write_and_name_the_image(synth_data, tmp_path):
     from pkd_offline.checkpoint import save_checkpoint
-    from stages.teachers import load_teacher
+    from pkd_offline.teachers import load_teacher
 
     model, _ = load_teacher("swin", checkpoint=None, random_init=True, variant="tiny", num_classes=7)
     state = model.state_dict()

@@ -15,7 +15,7 @@ from pkd_offline.cli import main
 from pkd_offline.data import CocoDetection
 from pkd_offline.errors import PkdError
 from stages.extract import ExtractConfig, extract
-from stages.store_data import StoreStream, store_dataset, store_views
+from pkd_offline.store_data import StoreStream, store_dataset, store_views
 from stages.train import TrainConfig, train
 from storage import Manifest, StoreError, open_store
 

@@ -18,7 +18,7 @@ from pkd_offline.errors import PkdError
 from pkd_offline.evaluate import coco_box_ap, predict
 from stages.evaluate import (EvalConfig, StoreTruth, StoreValSet, evaluate, ground_truth, open_val_set,
                              predict_store)
-from stages.store_data import store_views
+from pkd_offline.store_data import store_views
 from stages.train import TrainConfig, train
 
 from test_store_alone import SMALL, extract_store

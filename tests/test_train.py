@@ -14,8 +14,9 @@ from pkd_offline.models import build_detector
 from pkd_offline.pyramid import valid_masks
 from stages.evaluate import EvalConfig, evaluate
 from stages.extract import ExtractConfig, extract
-from stages.store_data import StoreJoinedDataset, check_store_fits, store_views
-from stages.teachers import load_teacher
+from pkd_offline.store_data import StoreJoinedDataset, store_views
+from pkd_offline.store_fit import check_store_fits
+from pkd_offline.teachers import load_teacher
 from stages.train import TrainConfig, train
 from storage import open_store
 
@@ -31,6 +32,18 @@ def fp16_store(synth_data, tmp_path_factory):
                                  codec="fp16", progress=False))
 
 
+def square_batch(dataset, joined, student):
+    """Three store-joined samples of 128x128 images (no padding), their images and the student's FPN maps (eval)."""
+    same_size = [k for k in [(i, v) for i in range(len(dataset)) for v in (0, 1)]
+                 if dataset.original_hw(dataset.image_ids[k[0]]) == (128, 128)][:3]
+    batch = collate([joined[key] for key in same_size])
+    images = [item["image"] for item in batch]
+    student.eval()
+    with torch.no_grad():
+        _, student_features = student(images)
+    return batch, images, student_features
+
+
 @pytest.mark.parametrize("level_map", ["stride", "index"])
 def test_offline_loss_equals_online_loss_on_the_same_batch(synth_data, fp16_store, level_map):
     torch.manual_seed(0)
@@ -41,13 +54,7 @@ def test_offline_loss_equals_online_loss_on_the_same_batch(synth_data, fp16_stor
     joined = StoreJoinedDataset(dataset, fp16_store)
     teacher, _ = load_teacher("swin", checkpoint=None, random_init=True, variant="tiny", num_classes=7, seed=0)
     pairs = pair_levels(list(student.strides), list(teacher.strides), level_map)[:4]
-    same_size = [k for k in [(i, v) for i in range(len(dataset)) for v in (0, 1)]
-                 if dataset.original_hw(dataset.image_ids[k[0]]) == (128, 128)][:3]
-    batch = collate([joined[key] for key in same_size])
-    images = [item["image"] for item in batch]
-    student.eval()
-    with torch.no_grad():
-        _, student_features = student(images)
+    batch, images, student_features = square_batch(dataset, joined, student)
     device = torch.device("cpu")
     offline = distillation_loss(student_features, batch, images, Distillation(pairs, 6.0), 32, device)
     online = distillation_loss(student_features, batch, images, Distillation(pairs, 6.0, teacher), 32, device)
@@ -99,7 +106,7 @@ def test_ragged_batch_masks_and_loss_match_a_per_image_reference(synth_data, fp1
 def test_training_replays_the_view_extraction_used(synth_data, tmp_path, store_name):
     """Through both training paths (zarr: map-style join; WebDataset: the stream), the teacher run on the
     replayed training image gives the stored maps: extraction and training saw the same tensor."""
-    from stages.store_data import StoreStream
+    from pkd_offline.store_data import StoreStream
 
     store = extract(ExtractConfig(teacher="swin", random_init=True, variant="tiny", data=synth_data,
                                   out=tmp_path / store_name, views=2, short_side=128, max_size=128, batch_size=1,
@@ -184,7 +191,7 @@ def test_resume_continues_where_it_stopped(synth_data, tmp_path):
 
 
 def test_webdataset_stream_yields_each_image_once_per_epoch_and_trains(synth_data, tmp_path):
-    from stages.store_data import StoreStream
+    from pkd_offline.store_data import StoreStream
 
     store = extract(ExtractConfig(teacher="swin", random_init=True, variant="tiny", data=synth_data,
                                   out=tmp_path / "wds", views=2, short_side=128, max_size=128, batch_size=4,
@@ -238,7 +245,7 @@ def test_max_pairs_limits_the_distilled_pairs(synth_data, fp16_store):
 
 
 def test_join_refuses_a_sample_whose_recorded_size_differs_from_the_replay(synth_data, fp16_store):
-    from stages.store_data import join_features
+    from pkd_offline.store_data import join_features
 
     dataset = CocoDetection(synth_data, "train", store_views(fp16_store))
     item = dataset[(1, 0)]
@@ -247,3 +254,34 @@ def test_join_refuses_a_sample_whose_recorded_size_differs_from_the_replay(synth
     sample.image_hw = (item["image_hw"][0] + 32, item["image_hw"][1])
     with pytest.raises(PkdError, match=r"replays to .* but the store recorded .*re-extract the store"):
         join_features(dict(item), sample)
+
+
+def test_mse_imitation_trains_from_the_store_as_online_and_equals_the_map_mse(synth_data, fp16_store):
+    """--loss mse: the same pairs as PKD, a plain MSE over the valid region; offline (from the store) equals online,
+    both equal alpha times the map MSE written out, and TrainConfig's setting reaches the Distillation."""
+    import torch.nn.functional as F
+
+    from stages.train import setup_distillation
+
+    torch.manual_seed(0)
+    dataset = CocoDetection(synth_data, "train", store_views(fp16_store))
+    student = build_detector("retinanet", num_classes=dataset.num_classes, variant="tiny", backbone="resnet18")
+    cfg = TrainConfig(student="retinanet", data=synth_data, features=fp16_store, level_map="index", loss="mse", **SMALL)
+    joined, distill = setup_distillation(cfg, dataset, student, torch.device("cpu"), Ranks())
+    assert distill.loss == "mse"
+    teacher, _ = load_teacher("swin", checkpoint=None, random_init=True, variant="tiny", num_classes=7, seed=0)
+    batch, images, student_features = square_batch(dataset, joined, student)
+    with torch.no_grad():
+        teacher_features, _ = teacher.features(images)
+    device = torch.device("cpu")
+    offline = distillation_loss(student_features, batch, images, distill, 32, device)
+    online = distillation_loss(student_features, batch, images, Distillation(distill.pairs, 6.0, teacher, loss="mse"),
+                               32, device)
+    pcc = distillation_loss(student_features, batch, images, Distillation(distill.pairs, 6.0), 32, device)
+    written_out = 6.0 * sum(
+        (F.interpolate(student_features[s].double(), size=teacher_features[t].shape[-2:], mode="bilinear",
+                       align_corners=False) - teacher_features[t].double()).square().mean()
+        for s, t in distill.pairs)
+    assert online.item() == pytest.approx(written_out.item(), rel=1e-5)
+    assert offline.item() == pytest.approx(online.item(), rel=2e-3)
+    assert abs(offline.item() - pcc.item()) > 0.1

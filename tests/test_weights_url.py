@@ -27,7 +27,7 @@ from pkd_offline.models.foreign_weights import load_backbone_weights
 from pkd_offline.weights_source import OFFLINE_ENV, cache_dir, expected_hash_prefix, fetch_weights
 from stages.evaluate import EvalConfig
 from stages.extract import ExtractConfig
-from stages.teachers import load_teacher
+from pkd_offline.teachers import load_teacher
 from stages.train import TrainConfig
 from stages.verify import VerifyConfig, verify
 from storage import open_store

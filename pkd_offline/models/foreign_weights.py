@@ -1,6 +1,6 @@
 """Weights made by other frameworks: MMDetection Swin teachers, torchvision detectors, ImageNet backbones.
 
-Checkpoint formats a teacher accepts (:func:`detect_format` tells them apart by their keys):
+Checkpoint formats a teacher accepts (:func:`detect_checkpoint_format` tells them apart by their keys):
 
 - ``pkd-offline``: the project's own (``{"spec", "model"}``), handled by ``pkd_offline.checkpoint``.
 - ``mmdet-swin``: an MMDetection checkpoint (``{"state_dict": ...}`` or the bare dict) of a Swin + FPN
@@ -75,7 +75,7 @@ def unwrap_state(content: dict) -> dict:
     return content
 
 
-def detect_format(content: dict, source: Path | str) -> str:
+def detect_checkpoint_format(content: dict, source: Path | str) -> str:
     """One of ``FORMATS`` for a loaded teacher checkpoint; a PkdError says what it is if unusable."""
     if "spec" in content and "model" in content:
         return "pkd-offline"

@@ -1,4 +1,6 @@
-"""Joining training data with a feature store, and the checks that the store fits the run."""
+"""Datasets over a feature store: the store's own images (:class:`StoreImages`), and training data joined
+with its stored teacher maps, by random access (:class:`StoreJoinedDataset`) or shard by shard
+(:class:`StoreStream`). Whether a store fits a run is :mod:`pkd_offline.store_fit`."""
 
 from __future__ import annotations
 
@@ -10,10 +12,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from pkd_offline.data import CocoDetection, ViewSampler, decode_image, file_sha256
+from pkd_offline.data import CocoDetection, ViewSampler, decode_image
+from pkd_offline.device_codecs import EncodedMap
 from pkd_offline.errors import PkdError
-from pkd_offline.models import USES_MASKS, FeatureDetector
-from pkd_offline.stored_maps import EncodedMap
+from pkd_offline.models import USES_MASKS
 from pkd_offline.views import View, apply_view
 from storage import Sample, StoreError, open_store
 from storage.base import StoreReader
@@ -92,57 +94,6 @@ def store_dataset(path: Path | str, views: list[View], student: str) -> StoreIma
     return StoreImages(path, manifest, views)
 
 
-def check_store_fits(path: Path | str, dataset: CocoDetection | StoreImages, student: FeatureDetector) -> StoreReader:
-    """Open the store and refuse it, naming what differs, unless it was made from this data for this student.
-
-    Checked: annotation file hash, split, image ids (less the images the store skipped, which are
-    dropped from ``dataset``), input normalisation, and channel counts. Level pairing is checked by
-    ``pair_levels`` against the manifest's strides. Data read from the store itself (:class:`StoreImages`)
-    is checked for normalisation and channels only.
-    """
-    store = open_store(str(path))
-    manifest = store.manifest
-    from_directory = isinstance(dataset, CocoDetection)
-    problems, wanted = _data_problems(manifest, dataset) if from_directory else ([], None)
-    problems += _student_problems(manifest, student)
-    if problems:
-        raise PkdError(f"feature store {path} does not fit this run: {'; '.join(problems)}")
-    if from_directory:
-        dataset.image_ids = wanted
-    return store
-
-
-def _data_problems(manifest, dataset: CocoDetection) -> tuple[list[str], list[int]]:
-    """What differs between the store and the data directory, and the data's image ids less those the store skipped."""
-    problems = []
-    annotation_sha = file_sha256(dataset.annotation_file)
-    if manifest.dataset.get("annotation_sha256") != annotation_sha:
-        problems.append(f"annotation file {dataset.annotation_file} (sha256 {annotation_sha[:12]}...) is not the one the "
-                        f"store was extracted from (sha256 {str(manifest.dataset.get('annotation_sha256'))[:12]}...)")
-    if manifest.dataset.get("split") != dataset.split:
-        problems.append(f"split {dataset.split!r} vs the store's {manifest.dataset.get('split')!r}")
-    skipped = {entry["image_id"] for entry in manifest.skipped}
-    wanted = [i for i in dataset.image_ids if i not in skipped]
-    if manifest.image_ids != wanted:
-        missing = sorted(set(wanted) - set(manifest.image_ids))
-        problems.append(f"image ids differ ({len(manifest.image_ids)} in the store, {len(wanted)} in the data; "
-                        f"missing e.g. {missing[:5]})")
-    return problems, wanted
-
-
-def _student_problems(manifest, student: FeatureDetector) -> list[str]:
-    """What differs between the store and the student: input normalisation, channel counts."""
-    problems = []
-    normalization = student.transform.normalization()
-    if manifest.normalization != normalization:
-        problems.append(f"input normalisation {manifest.normalization} vs the student's {normalization}")
-    channels = {level.channels for level in manifest.levels}
-    if channels != {student.channels}:
-        problems.append(f"teacher maps have {sorted(channels)} channels, the student's FPN {student.channels} "
-                        f"(use the teacher's --variant)")
-    return problems
-
-
 def join_features(item: dict, sample: Sample) -> dict:
     """Add the stored ``teacher_features`` {stride: float32 (C, h, w), or an :class:`EncodedMap` where the
     sample was read with ``keep_encoded``} to a data item of the same image and view.
@@ -159,31 +110,6 @@ def join_features(item: dict, sample: Sample) -> dict:
         item["teacher_sums"] = {s: (torch.from_numpy(sums["sum"]), torch.from_numpy(sums["sum_sq"]))
                                 for s, sums in sample.statistics.items()}
     return item
-
-
-def check_layout_fits(manifest, pairs: list[tuple[int, int]], level_map: str, size_divisor: int) -> None:
-    """Refuse a projected store whose pairing or student strides are not this run's (one PkdError line).
-
-    A projected level holds the teacher map already resized back to one student stride, so it serves
-    that (student, teacher) pair only, and only batches padded to a multiple of that stride.
-    """
-    layout = manifest.layout
-    if layout["name"] != "projected":
-        return
-    stored = {teacher: student for student, teacher in layout["pairs"]}
-    wrong = [(s, t) for s, t in pairs if t in manifest.projected_strides and stored[t] != s]
-    problems = []
-    if level_map != layout["pairing"]:
-        problems.append(f"--level-map {level_map} vs the store's pairing {layout['pairing']}")
-    if wrong:
-        problems.append(f"student strides {[s for s, _ in pairs]} vs the store's {[s for s, _ in layout['pairs']]}")
-    odd = [s for s, t in pairs if t in manifest.projected_strides and size_divisor % s]
-    if odd:
-        problems.append(f"batches padded to multiples of {size_divisor} px (size_divisor), not of student stride "
-                        f"{odd[0]}")
-    if problems:
-        raise PkdError(f"projected feature store does not fit this run: {'; '.join(problems)} (the store holds teacher "
-                       f"levels projected for the pairs {layout['pairs']}; re-extract, or train with that pairing)")
 
 
 class StoreJoinedDataset(Dataset):

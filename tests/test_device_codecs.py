@@ -1,4 +1,4 @@
-"""Maps encoded where the teacher runs and decoded where the student trains (pkd_offline/stored_maps.py):
+"""Maps encoded where the teacher runs and decoded where the student trains (pkd_offline/device_codecs.py):
 the torch codecs are the storage codecs bit for bit, readers keep levels encoded on request, and the
 training loss is the same whether the workers or the device decode."""
 
@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from device_encoding import encode_checked, encode_on_device
 from pkd_offline.data import CocoDetection, collate
 from pkd_offline.engine import Distillation, distillation_loss
 from pkd_offline.pyramid import pad_teacher_maps
-from pkd_offline.stored_maps import DECODERS, ENCODERS, EncodedMap, dense_map, encode_on_device
+from pkd_offline.device_codecs import EncodedMap, dense_map
 from stages.extract import ExtractConfig, extract
-from stages.store_data import SHUFFLE_BUFFER_BYTES, StoreJoinedDataset, StoreStream, store_views
+from pkd_offline.store_data import SHUFFLE_BUFFER_BYTES, StoreJoinedDataset, StoreStream, store_views
 from storage import CODECS, StoreError, open_store
 from storage.codecs import EncodedLevel
 from storage.testing import smooth_features
@@ -26,10 +27,6 @@ def maps_batch() -> np.ndarray:
     batch[1, 3] = 2.5
     batch[2, 5] = 0.0
     return batch
-
-
-def test_every_storage_codec_has_a_torch_twin():
-    assert set(ENCODERS) == set(CODECS) == set(DECODERS)
 
 
 @pytest.mark.parametrize("name", sorted(name for name in CODECS if name != "pca"))  # pca: tests/test_pca_codec.py
@@ -50,7 +47,7 @@ def test_torch_encoder_and_decoder_equal_the_storage_codec_bit_for_bit(name):
 
 def test_int8_twin_rounds_half_to_even_and_handles_empty_maps():
     features = torch.tensor([[[0.0, 0.5, 1.5, 2.5, 254.0]]])  # scale 1, offset 127: steps -127 .. 127 with .5s
-    parts = ENCODERS["int8"](features)
+    parts = encode_checked("int8", features)
     assert parts["q"].tolist() == [[[-127, -126, -126, -124, 127]]]  # -126.5, -125.5, -124.5 go to even
     np.testing.assert_array_equal(parts["q"].numpy(), CODECS["int8"].encode(features.numpy())["q"])
     empty = encode_on_device("int8", torch.zeros(2, 4, 0, 5))
@@ -59,7 +56,7 @@ def test_int8_twin_rounds_half_to_even_and_handles_empty_maps():
 
 def test_fp16_twin_refuses_values_past_its_range():
     with pytest.raises(ValueError, match="fp16 range"):
-        ENCODERS["fp16"](torch.full((1, 2, 2), 7e4))
+        encode_checked("fp16", torch.full((1, 2, 2), 7e4))
 
 
 def test_dense_map_passes_tensors_through_and_decodes_encoded_maps():

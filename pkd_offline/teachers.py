@@ -10,7 +10,7 @@ from pkd_offline.checkpoint import detector_from_checkpoint, load_checkpoint
 from pkd_offline.data import file_sha256
 from pkd_offline.errors import PkdError
 from pkd_offline.models import DETECTORS, FeatureDetector, build_detector
-from pkd_offline.models.foreign_weights import detect_format, load_foreign_teacher
+from pkd_offline.models.foreign_weights import detect_checkpoint_format, load_foreign_teacher
 from pkd_offline.weights_source import fetch_weights, is_url
 
 
@@ -32,7 +32,7 @@ def load_teacher(name: str, *, checkpoint: Path | str | None, random_init: bool,
     if checkpoint is not None:
         local = fetch_weights(checkpoint)
         content = load_checkpoint(local)  # errors name the cached file of a URL: the one to delete
-        checkpoint_format = detect_format(content, checkpoint)
+        checkpoint_format = detect_checkpoint_format(content, checkpoint)
         unused: dict[str, int] = {}
         if checkpoint_format == "pkd-offline":
             teacher = detector_from_checkpoint(content, checkpoint)
