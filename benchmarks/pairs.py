@@ -1,7 +1,7 @@
 """The teacher -> student pairs the benchmarks run, and the one place their stage configs are built.
 
 ``PAIRS["paper"]`` is the paper's headline pair at its sizes: Swin-S teacher P2..P5 stored in the projected layout
-with the pca codec, RetinaNet-R50 student P3..P6 paired by index, 1333x800 px views, batch 2. ``PAIRS["tiny"]``
+with the COCO recipe's codec (``params-coco.yaml``, the accuracy study's decision), RetinaNet-R50 student P3..P6 paired by index, 1333x800 px views, batch 2. ``PAIRS["tiny"]``
 is the data path's stress case: Swin-T tiny, P2..P6 as full maps (int8), RetinaNet-R18 tiny, paired by stride.
 A benchmark that runs a pair smaller (a CPU, ``--quick``) overrides sizes, never the pairing.
 """
@@ -41,9 +41,15 @@ class Pair:
     batch_size: int
 
 
+def coco_recipe_codec() -> str:
+    """The stage-one codec of ``params-coco.yaml`` (the accuracy study's ``codec_decision``)."""
+    recipe = Path(__file__).resolve().parents[1] / "params-coco.yaml"
+    return yaml.safe_load(recipe.read_text())["extract_index"]["codec"]
+
+
 PAIRS = {
     "paper": Pair(name="paper", teacher="swin_s", teacher_levels="2,3,4,5", layout="projected",
-                  student_levels="3,4,5,6", codec="pca", views=1, student="retinanet", backbone="resnet50",
+                  student_levels="3,4,5,6", codec=coco_recipe_codec(), views=1, student="retinanet", backbone="resnet50",
                   level_map="index", variant="full", short_side=800, max_size=1333, batch_size=2),
     "tiny": Pair(name="tiny", teacher="swin", teacher_levels="2,3,4,5,6", layout="full", student_levels=None,
                  codec="int8", views=2, student="retinanet", backbone="resnet18", level_map="stride",

@@ -45,13 +45,31 @@ def compare(a: dict, b: dict) -> dict:
     return {"diff": diff, "se": se, "t": t, "dof": dof, "significant": abs(t) > t_critical(dof)}
 
 
+def paired(a: dict[int, float], b: dict[int, float]) -> dict | None:
+    """The paired comparison of arm ``a`` minus arm ``b`` over the seeds both ran (``{seed: mAP}`` each): seed s
+    gives every arm the same initialisation and data order, so the per-seed differences remove that shared part
+    of the spread. Returns ``{"seeds", "diffs", "mean", "sd", "ci95": [low, high], "significant"}``: the mean
+    difference (mAP) with its two-sided 95% Student t interval (n - 1 dof), significant when the interval excludes
+    0; None with fewer than two common seeds."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    diffs = [a[seed] - b[seed] for seed in seeds]
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    half = t_critical(len(seeds) - 1) * sd / math.sqrt(len(seeds))
+    return {"seeds": seeds, "diffs": diffs, "mean": mean, "sd": sd, "ci95": [mean - half, mean + half],
+            "significant": mean - half > 0 or mean + half < 0}
+
+
 def study_report(per_arm: dict[str, list[float]], *, reference: str = "baseline",
-                 pairs: list[tuple[str, str]] = ()) -> dict:
+                 pairs: list[tuple[str, str]] = (), seeds: dict[str, list[int]] | None = None) -> dict:
     """The ``metrics/study.json`` body (without timings): ``{"arms": {name: summarise(...)}, "gain": {...},
     "comparisons": {"a vs b": compare(...)}}``.
 
     ``gain[name]`` is the arm's mean over the reference arm's mean (mAP) and that gain in units of the larger of
     the two arms' standard deviations (``gain_in_std``; None when both spreads are 0, to stay valid JSON).
+    With ``seeds`` (each arm's seed per value), each comparison also carries its :func:`paired` test
+    (``"paired"``, None without two common seeds) beside the Welch test.
     """
     arms = {name: summarise(values) for name, values in per_arm.items()}
     report: dict = {"arms": arms, "gain": {}, "comparisons": {}}
@@ -67,4 +85,51 @@ def study_report(per_arm: dict[str, list[float]], *, reference: str = "baseline"
     for a, b in pairs:
         if a in arms and b in arms and len(arms[a]["mAP"]) > 1 and len(arms[b]["mAP"]) > 1:
             report["comparisons"][f"{a} vs {b}"] = compare(arms[a], arms[b])
+            if seeds is not None:
+                report["comparisons"][f"{a} vs {b}"]["paired"] = paired(dict(zip(seeds[a], per_arm[a])),
+                                                                        dict(zip(seeds[b], per_arm[b])))
     return report
+
+
+def seeds_needed(mean: float, sd: float, gain: float, margin: float, most: int = 100) -> int | None:
+    """The fewest seeds with which a paired difference of this ``mean`` and ``sd`` would pass
+    :func:`codec_decision`'s rule (its interval reaching 0 and its lower end above ``-margin * gain``), assuming
+    both stay as measured; None if no count up to ``most`` would."""
+    for n in range(2, most + 1):
+        half = t_critical(n - 1) * sd / math.sqrt(n)
+        if mean + half >= 0 and mean - half > -margin * gain:
+            return n
+    return None
+
+
+def codec_decision(by_seed: dict[str, dict[int, float]], points: dict[str, dict], rule: dict) -> dict:
+    """The default codec by the study's rule (``study.codec_rule`` in the params file): the smallest store (bits
+    per value) whose paired difference from the reference arm (fp32) is not significantly negative (its 95%
+    interval reaches 0) and whose interval's lower end lies above ``-margin`` times the reference's gain over the
+    baseline. The reference itself always passes, so with no smaller store passing the decision is fp32.
+
+    ``by_seed``: {arm: {seed: mAP}}; ``points``: {arm: {"codec", "pca_step", "bits_per_value"}} for the reference
+    and the candidates; ``rule``: {"reference", "baseline", "margin", "candidates"}. Returns {"codec",
+    "pca_step", "bits_per_value", "paired_diff_ci95", "gain", "margin", "arm", "seeds", "candidates"} where
+    "candidates" says, per candidate arm with a store point, its paired test, whether it passes, and (for one
+    that fails) how many seeds the rule would need at the measured mean and sd (None: no number would).
+    """
+    reference, margin = rule["reference"], rule["margin"]
+    gain = statistics.fmean(by_seed[reference].values()) - statistics.fmean(by_seed[rule["baseline"]].values())
+    candidates = {}
+    for arm in rule["candidates"]:
+        if arm not in points or arm not in by_seed:
+            continue
+        test = paired(by_seed[arm], by_seed[reference])
+        passes = test is not None and test["ci95"][1] >= 0 and test["ci95"][0] > -margin * gain
+        candidates[arm] = {"bits_per_value": points[arm]["bits_per_value"], "paired": test, "passes": passes,
+                           "seeds_needed": None if passes or test is None
+                           else seeds_needed(test["mean"], test["sd"], gain, margin)}
+    passing = [arm for arm, row in candidates.items() if row["passes"]]
+    arm = min(passing, key=lambda name: candidates[name]["bits_per_value"]) if passing else reference
+    chosen = candidates[arm]["paired"] if arm in candidates else None
+    return {"codec": points[arm]["codec"], "pca_step": points[arm].get("pca_step"),
+            "bits_per_value": points[arm]["bits_per_value"],
+            "paired_diff_ci95": chosen["ci95"] if chosen else [0.0, 0.0], "gain": gain, "margin": margin,
+            "arm": arm, "seeds": chosen["seeds"] if chosen else sorted(by_seed[reference]),
+            "candidates": candidates}

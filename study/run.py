@@ -3,8 +3,8 @@
     python -m study.run                                  # everything in study/params.yaml, on the CPU
     python -m study.run --device cuda --jobs 6           # on a GPU, six student runs at a time
     python -m study.run --arms baseline offline_index --seeds 0 1   # a subset (the JSON says what ran)
-    OMP_NUM_THREADS=1 python -m study.run                # on a CPU shared with other jobs: one torch thread
-                                                         # a run (two threads under load: 3-4x slower a step here)
+    OMP_NUM_THREADS=1 python -m study.run                # on a CPU shared with other jobs: one torch thread a run
+                                                         # (more threads than free cores slow every step)
     python -m study.run --jobs 2 --first offline_index   # every offline_index seed before the other distilled runs
     python -m study.run --report-only                    # a stopped study: report the runs that finished
     python -m study.run --codec-arms                     # also the bits study's arms (offline_index_CODEC): one
@@ -13,7 +13,9 @@
                                                          # every student arm at another schedule length: its runs
                                                          # in RUNS-750it, the teacher and store the study's own
 
-Steps, each skipped when its output already exists (so a stopped study resumes; ``--fresh`` redoes all):
+Steps, each skipped when its output already exists (so a stopped study resumes; ``--fresh`` redoes all; a run is
+finished when the ledger (``--ledger``, by default ``metrics/study-runs.json`` beside the report) holds it, so seeds run
+in another session on another machine count):
 synthetic data -> teacher (trained once) -> teacher eval -> feature store (extracted once) -> every
 (arm, seed) student run and its eval -> aggregation (``study.aggregate``) -> plot (``study.plot``).
 Every step is a ``pkd-offline`` command (``python -m pkd_offline``) over ``study/params.yaml``: each arm
@@ -35,7 +37,8 @@ from pathlib import Path
 
 import yaml
 
-from study.aggregate import study_report
+from study.aggregate import codec_decision, study_report
+from study.ledger import Ledger, run_name
 from study.plot import plot_bits, plot_study
 
 CLI = [sys.executable, "-m", "pkd_offline"]
@@ -69,22 +72,10 @@ def recorded_step_seconds(logs: Path) -> dict[str, float]:
     return {row["step"]: row["seconds"] for row in map(json.loads, path.read_text().splitlines()) if row}
 
 
-def run_map(runs: Path, arm: str, seed: int) -> float:
-    """The box mAP in ``runs/ARM-seedSEED/eval.json``."""
-    return json.loads((runs / f"{arm}-seed{seed}" / "eval.json").read_text())["mAP"]
-
-
-def finished_seeds(runs: Path, wanted: dict[str, list[int]]) -> dict[str, list[int]]:
-    """Each arm's seeds (of ``wanted``) whose run has an ``eval.json``; arms with none are left out."""
-    done = {arm: [seed for seed in seeds if (runs / f"{arm}-seed{seed}" / "eval.json").exists()]
-            for arm, seeds in wanted.items()}
+def finished_seeds(ledger: Ledger, wanted: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Each arm's seeds (of ``wanted``) whose evaluated run the ledger holds; arms with none are left out."""
+    done = {arm: [seed for seed in seeds if ledger.has(arm, seed)] for arm, seeds in wanted.items()}
     return {arm: seeds for arm, seeds in done.items() if seeds}
-
-
-def seeds_on_disk(runs: Path, arm: str) -> list[int]:
-    """Seeds of ``arm`` that have a run folder under ``runs`` (``ARM-seedN``)."""
-    prefix = f"{arm}-seed"
-    return sorted(int(path.name[len(prefix):]) for path in runs.glob(f"{prefix}*") if path.name[len(prefix):].isdigit())
 
 
 def job_order(arms: list[str], seeds: list[int], diagnostics: dict[str, list[int]], distilled: list[str],
@@ -110,28 +101,70 @@ def recorded_span(logs: Path, keep=lambda step: True) -> float | None:
     return max(row["end"] for row in rows) - min(row["end"] - row["seconds"] for row in rows)
 
 
-def store_bits_per_value(store: str) -> float:
-    """Bits on disk per stored feature value of a store (every level, after the codec and zstd): 32 times its
-    level bytes over the same maps as float32. Reads the whole store (``storage.describe``)."""
+def store_point(store: str, extract_section: dict) -> dict:
+    """A store's ``{"codec", "pca_step", "bits_per_value", "digest"}``: bits on disk per stored feature value
+    (every level, after the codec and zstd: 32 times its level bytes over the same maps as float32) and the
+    content digest of ``storage.describe``. Reads the whole store."""
     from storage import describe, open_store
+    from storage.pca_basis import DEFAULT_STEP
 
-    levels = describe(open_store(store))["levels"].values()
-    return 32 * sum(level["bytes_per_image"] for level in levels) / sum(level["fp32_bytes_per_image"] for level in levels)
+    summary = describe(open_store(store))
+    levels = summary["levels"].values()
+    codec = extract_section.get("codec", "fp16")
+    return {"codec": codec, "pca_step": extract_section.get("pca_step", DEFAULT_STEP) if codec == "pca" else None,
+            "bits_per_value": 32 * sum(level["bytes_per_image"] for level in levels)
+            / sum(level["fp32_bytes_per_image"] for level in levels), "digest": summary["digest"]}
 
 
-def codec_points(params: dict, arms: list[str]) -> dict[str, dict]:
-    """``{arm: {"codec", "store", "bits_per_value"}}`` for the study's codec arms (and their aliases) that ran and
-    whose store exists: the x axis of the bits plot."""
+def record_stores(params: dict, ledger: Ledger) -> None:
+    """Put every extracted study store into the ledger. A store that differs from the ledger's entry (extracted
+    again from a teacher trained again) replaces it, the old entry kept under "replaced": runs pair by seed, and a
+    seed's runs share one teacher and its stores."""
     study = params["study"]
-    stores = study.get("stores") or {study["store"]: "extract"}
+    for store, section in (study.get("stores") or {study["store"]: "extract"}).items():
+        if section not in params or not Path(store, "manifest.json").exists():
+            continue  # (not extracted, or made outside the study)
+        point = store_point(store, params[section])
+        recorded = ledger.stores.get(store)
+        if recorded is None:
+            ledger.record_store(store, point)
+        elif (recorded["digest"] != point["digest"] if "digest" in recorded  # (entries from before digests: by size)
+              else recorded["bits_per_value"] != point["bits_per_value"]):
+            replaced = [*recorded.pop("replaced", []), recorded]
+            print(f"study: {store} is not the store the ledger recorded ({point['bits_per_value']:.4f} vs "
+                  f"{recorded['bits_per_value']:.4f} bits a value): recorded as its new version", file=sys.stderr)
+            ledger.record_store(store, {**point, "replaced": replaced})
+        elif "digest" not in recorded:
+            ledger.record_store(store, {**recorded, **point})
+
+
+def codec_points(params: dict, arms: list[str], ledger: Ledger) -> dict[str, dict]:
+    """``{arm: {"codec", "pca_step", "store", "bits_per_value"}}`` for the study's codec arms (and their aliases)
+    whose store the ledger holds: the x axis of the bits plot and the codec decision's sizes."""
+    study = params["study"]
     points = {}
     for arm in arms:
-        section = params[study.get("aliases", {}).get(arm, arm)]
-        store = section.get("features")
-        if arm.startswith("offline_index_") and store and Path(store, "manifest.json").exists():
-            codec = params[stores[store]].get("codec", "fp16")
-            points[arm] = {"codec": codec, "store": store, "bits_per_value": store_bits_per_value(store)}
+        store = params[study.get("aliases", {}).get(arm, arm)].get("features")
+        if arm.startswith("offline_index_") and store in ledger.stores:
+            entry = ledger.stores[store]
+            points[arm] = {"codec": entry["codec"], "pca_step": entry.get("pca_step"), "store": store,
+                           "bits_per_value": entry["bits_per_value"]}
     return points
+
+
+def convergence(ledger: Ledger, arm_seeds: dict[str, list[int]]) -> dict[str, dict]:
+    """``{arm: {"iters": [...], "seeds": [...], "mAP": [[per seed] per iter]}}`` for arms whose runs evaluated
+    during training (``eval_every``): the seeds that have every listed iteration."""
+    curves = {}
+    for arm, seeds in arm_seeds.items():
+        evals = {seed: {row["iter"]: row["mAP"] for row in ledger.runs.get(run_name(arm, seed), {}).get("evals", [])}
+                 for seed in seeds}  # (an alias arm has no runs of its own)
+        with_evals = [seed for seed in seeds if evals[seed]]
+        if with_evals:
+            iters = sorted(set.intersection(*(set(evals[seed]) for seed in with_evals)))
+            curves[arm] = {"iters": iters, "seeds": with_evals,
+                           "mAP": [[evals[seed][it] for seed in with_evals] for it in iters]}
+    return curves
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                              "stay): runs go to RUNS-<N>it beside the study's runs")
     parser.add_argument("--codec-arms", action="store_true",
                         help="also run (or report) study.codec_arms: offline PKD from a store per codec")
+    parser.add_argument("--ledger", type=Path,
+                        help="the finished runs' record (default: beside --out, STEM-runs.json; commit it)")
     args = parser.parse_args(argv)
     params = yaml.safe_load(args.params.read_text())
     study = params["study"]
@@ -176,6 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh:
         for path in (data, runs, *map(Path, stores)):
             shutil.rmtree(path, ignore_errors=True)
+    ledger = Ledger(args.ledger or args.out.with_name(f"{args.out.stem}-runs.json"))
+
+    def run_notes(arm: str) -> dict:
+        """The teacher a distilled arm learnt from, by its mAP (None where it is not evaluated yet)."""
+        distils = params.get(arm, {}).get("features") or params.get(arm, {}).get("teacher")
+        if not distils or not (teacher_runs / "teacher" / "eval.json").exists():
+            return {}
+        return {"teacher_mAP": json.loads((teacher_runs / "teacher" / "eval.json").read_text())["mAP"]}
+    ledger.absorb(runs, run_notes)
     common = ["--params", str(args.params), "--no-progress"]
     device = ["--device", args.device]
     seconds: dict[str, float] = {}
@@ -204,11 +248,14 @@ def main(argv: list[str] | None = None) -> int:
             if store in wanted_stores and not Path(store, "manifest.json").exists():
                 seconds[section] = run_command(CLI + ["extract", *common, "--section", section, "--out", store,
                                                       "--overwrite", *device], teacher_runs / "logs" / f"{section}.log")
+        record_stores(params, ledger)
 
     def one_run(arm: str, seed: int, ready=None) -> None:
         if ready is not None:
             ready.result()  # the teacher and store this arm distils from; re-raises the chain's failure
-        out = runs / f"{arm}-seed{seed}"
+        if ledger.has(arm, seed):
+            return
+        out = runs / run_name(arm, seed)
         if not (out / "model.pt").exists():
             seconds[f"{arm}-seed{seed}"] = run_command(
                 CLI + ["train", *common, "--section", arm, "--seed", str(seed), "--out", str(out), *device, *iters],
@@ -217,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds[f"{arm}-seed{seed}-eval"] = run_command(
                 CLI + ["eval", *common, "--section", "eval", "--checkpoint", str(out / "model.pt"),
                        "--out", str(out / "eval.json"), *device], runs / "logs" / f"{arm}-seed{seed}-eval.log")
+        ledger.record_run(arm, seed, out, run_notes(arm))
 
     # The teacher chain is submitted first, then the runs in job_order. With --jobs 1 nothing waits on a future
     # that has no worker.
@@ -234,20 +282,21 @@ def main(argv: list[str] | None = None) -> int:
         arms = [*study["arms"], *study.get("codec_arms", [])]
     reported = {arm: seeds for arm in arms}
     if args.report_only and not args.seeds:  # every seed that finished, the extra seeds of a spread check too
-        reported = {arm: sorted(set(seeds) | set(seeds_on_disk(runs, arm))) for arm in arms}
-    arm_seeds = finished_seeds(runs, reported)
+        reported = {arm: sorted(set(seeds) | set(ledger.seeds(arm))) for arm in arms}
+    arm_seeds = finished_seeds(ledger, reported)
     for alias, arm in study.get("aliases", {}).items():  # one arm under two names (the fp16 store is the study's)
         if arm in arm_seeds and alias not in arm_seeds:
             arm_seeds[alias] = arm_seeds[arm]
-    diagnostic_seeds = finished_seeds(runs, diagnostics)
-    per_arm = {arm: [run_map(runs, study.get("aliases", {}).get(arm, arm), seed) for seed in done]
+    diagnostic_seeds = finished_seeds(ledger, diagnostics)
+    per_arm = {arm: [ledger.map_of(study.get("aliases", {}).get(arm, arm), seed) for seed in done]
                for arm, done in arm_seeds.items()}
     if not per_arm:
-        raise SystemExit(f"study: no finished run (no eval.json) under {runs} for the arms asked")
-    report = study_report(per_arm, reference="baseline", pairs=[tuple(p) for p in study.get("compare", [])])
+        raise SystemExit(f"study: no finished run (in {ledger.path} or under {runs}) for the arms asked")
+    report = study_report(per_arm, reference="baseline", pairs=[tuple(p) for p in study.get("compare", [])],
+                          seeds=arm_seeds)
     report["teacher"] = json.loads(teacher_eval.read_text()) if teacher_eval.exists() else None
     report["diagnostics"] = {arm: {"seeds": done, **study_report(
-        {arm: [run_map(runs, arm, seed) for seed in done]}, reference="")["arms"][arm]}
+        {arm: [ledger.map_of(arm, seed) for seed in done]}, reference="")["arms"][arm]}
         for arm, done in diagnostic_seeds.items()}
     report["seeds"] = seeds
     report["seeds_per_arm"] = arm_seeds
@@ -285,7 +334,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         report["wall_seconds"] = time.perf_counter() - start
         report["step_seconds"] = seconds
-    report["codec_points"] = codec_points(params, list(arm_seeds))
+    record_stores(params, ledger)
+    report["codec_points"] = codec_points(params, list(arm_seeds), ledger)
+    teachers: dict[str, set[int]] = {}  # a teacher trained again elsewhere: which seeds learnt from which
+    for arm, done in arm_seeds.items():
+        for seed in done:
+            teacher_map = ledger.runs.get(run_name(arm, seed), {}).get("teacher_mAP")
+            if teacher_map is not None:
+                teachers.setdefault(f"{teacher_map:.4f}", set()).add(seed)
+    report["teacher_mAP_seeds"] = {teacher_map: sorted(seeds) for teacher_map, seeds in sorted(teachers.items())}
+    report["convergence"] = convergence(ledger, {**arm_seeds, **diagnostic_seeds})
+    rule = study.get("codec_rule")
+    if rule and rule["reference"] in arm_seeds and rule["baseline"] in arm_seeds:
+        by_seed = {arm: dict(zip(done, per_arm[arm])) for arm, done in arm_seeds.items()}
+        report["codec_decision"] = codec_decision(by_seed, report["codec_points"], rule)
     report["device"] = args.device
     report["jobs"] = args.jobs
     report["params"] = str(args.params)

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 import pkd_offline.precision
+from benchmarks.pairs import PAIRS
 from benchmarks.results import result_name
 from pkd_offline.distributed import finish, init_ranks
 from pkd_offline.extraction.pipeline import EXTRACT_PHASES
@@ -63,7 +64,7 @@ def test_quick_cpu_check_ends_with_one_whole_json_line(tmp_path):
     assert set(figures["read_samples_per_s"]) == {"images_only", "zarr", "wds"}
     assert set(figures["extract_ratio_over_forward_per_format"]) == {"zarr", "wds"}
     assert figures["extract_ratio_over_forward"] == min(figures["extract_ratio_over_forward_per_format"].values())
-    assert figures["verify"]["ok"] and figures["extract"]["codec"] == figures["codec"] == "pca"  # the paper pair's
+    assert figures["verify"]["ok"] and figures["extract"]["codec"] == figures["codec"] == PAIRS["paper"].codec
     assert figures["torchrun"]["backend"] == "gloo" and len(figures["torchrun"]["train_losses"]) == 2
     assert figures["torchrun"]["store_digest_equal_to_single_process"]
     assert (tmp_path / "gpu_check.json").read_text().strip() == last

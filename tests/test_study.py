@@ -14,7 +14,7 @@ from pkd_offline.errors import PkdError
 from pkd_offline.models import build_detector
 from pkd_offline.pyramid import pad_teacher_maps, valid_masks
 from stages.synth import SynthConfig, synth
-from study.aggregate import compare, study_report, summarise
+from study.aggregate import codec_decision, compare, paired, study_report, summarise
 
 
 def test_summarise_uses_the_sample_standard_deviation():
@@ -113,3 +113,51 @@ def test_min_object_side_drops_the_small_objects_and_only_them(tmp_path):
     assert len(easier) > 40 and min(easier) >= 24 - 0.02  # bbox rounding: 2 decimals
     with pytest.raises(PkdError, match="min_object_side"):
         synth(SynthConfig(tmp_path / "bad", train=2, val=0, image_size=96, min_object_side=60.0))
+
+
+def test_paired_differences_match_a_hand_computed_t_interval():
+    a, b = {0: 0.630, 1: 0.620, 2: 0.625, 7: 0.5}, {0: 0.631, 1: 0.630, 2: 0.629}
+    test = paired(a, b)
+    diffs = [-0.001, -0.010, -0.004]  # seed 7 has no partner: left out
+    mean = sum(diffs) / 3
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+    assert test["seeds"] == [0, 1, 2] and test["diffs"] == pytest.approx(diffs)
+    assert test["mean"] == pytest.approx(mean) and test["sd"] == pytest.approx(sd)
+    assert test["ci95"] == pytest.approx([mean - 4.303 * sd / math.sqrt(3), mean + 4.303 * sd / math.sqrt(3)])
+    assert test["significant"] is False  # the interval reaches 0
+    assert paired({0: 0.6, 1: 0.61, 2: 0.62}, {0: 0.59, 1: 0.599, 2: 0.611})["significant"] is True
+    assert paired({0: 0.6}, {0: 0.5, 1: 0.4}) is None
+
+
+def test_the_codec_decision_takes_the_smallest_store_that_the_rule_passes():
+    """gain 0.05, margin 0.2: a candidate passes when its paired interval reaches 0 and stays above -0.01."""
+    seeds = range(4)
+    fp32 = {s: 0.630 + 0.004 * (s % 2) for s in seeds}
+    by_seed = {"fp32": fp32, "base": {s: 0.580 + 0.004 * (s % 2) for s in seeds},
+               "worse": {s: fp32[s] - 0.007 + 0.0005 * s for s in seeds},  # significantly below fp32
+               "same": {s: fp32[s] + 0.001 * (-1) ** s for s in seeds},  # no difference, tight
+               "noisy": {s: fp32[s] + 0.02 * (-1) ** s for s in seeds}}  # no difference, too wide to decide
+    points = {name: {"codec": name, "bits_per_value": bits} for name, bits in
+              [("fp32", 32.0), ("worse", 5.0), ("same", 6.0), ("noisy", 2.0)]}
+    rule = {"reference": "fp32", "baseline": "base", "margin": 0.2, "candidates": ["worse", "same", "noisy"]}
+    decision = codec_decision(by_seed, points, rule)
+    assert decision["arm"] == "same" and decision["codec"] == "same" and decision["bits_per_value"] == 6.0
+    assert decision["gain"] == pytest.approx(0.05) and decision["margin"] == 0.2
+    assert decision["paired_diff_ci95"] == decision["candidates"]["same"]["paired"]["ci95"]
+    rows = decision["candidates"]
+    assert [rows[name]["passes"] for name in ("worse", "same", "noisy")] == [False, True, False]
+    assert rows["noisy"]["seeds_needed"] > 4 and rows["worse"]["seeds_needed"] is None
+    only_fp32 = codec_decision(by_seed, points, {**rule, "candidates": ["worse", "noisy"]})
+    assert only_fp32["arm"] == "fp32" and only_fp32["paired_diff_ci95"] == [0.0, 0.0]
+
+
+def test_coco_params_follow_the_studys_codec_decision():
+    import yaml
+
+    decision = json.loads(open("metrics/study.json").read())["codec_decision"]
+    extract = yaml.safe_load(open("params-coco.yaml"))["extract_index"]
+    assert extract["codec"] == decision["codec"]
+    assert extract.get("pca_step") == decision["pca_step"]
+    from benchmarks.pairs import PAIRS
+
+    assert PAIRS["paper"].codec == decision["codec"]  # the benchmarks measure the recipe's store

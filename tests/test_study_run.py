@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from study.ledger import Ledger
 from study.run import finished_seeds, job_order, main, recorded_step_seconds, run_command
 
 
@@ -65,8 +66,39 @@ def test_finished_seeds_keeps_only_runs_with_an_eval_and_drops_arms_with_none(tm
     _finish(tmp_path, "baseline", 2, 0.6)
     (tmp_path / "baseline-seed1").mkdir()  # trained, not evaluated
     (tmp_path / "baseline-seed1" / "model.pt").write_bytes(b"")
-    done = finished_seeds(tmp_path, {"baseline": [0, 1, 2], "online_index": [0, 1, 2]})
+    ledger = Ledger(tmp_path / "ledger.json")
+    assert ledger.absorb(tmp_path) == ["baseline-seed0", "baseline-seed2"]
+    done = finished_seeds(ledger, {"baseline": [0, 1, 2], "online_index": [0, 1, 2]})
     assert done == {"baseline": [0, 2]}
+
+
+def test_the_ledger_keeps_finished_runs_across_sessions_and_the_report_needs_no_run_folders(tmp_path):
+    """A run recorded in the ledger (its final eval and the evals during training) is reported after its folder is
+    gone, and a study that resumes skips it; the per-seed evals become the convergence points."""
+    runs = tmp_path / "runs"
+    _finish(runs, "baseline", 0, 0.60)
+    (runs / "baseline-seed0" / "eval.jsonl").write_text("".join(
+        json.dumps({"iter": it, "mAP": m}) + "\n" for it, m in [(1000, 0.5), (500, 0.3)]))
+    ledger = Ledger(tmp_path / "study-runs.json")
+    ledger.absorb(runs)
+    for seed, value in [(1, 0.62)]:
+        _finish(runs, "baseline", seed, value)
+        ledger.record_run("baseline", seed, runs / f"baseline-seed{seed}")
+    again = Ledger(tmp_path / "study-runs.json")  # a later session: the file alone
+    assert again.seeds("baseline") == [0, 1] and again.map_of("baseline", 1) == 0.62
+    assert [row["iter"] for row in again.runs["baseline-seed0"]["evals"]] == [500, 1000]
+    assert again.absorb(runs) == []  # nothing new
+    import shutil
+    shutil.rmtree(runs)
+    params = {"study": {"seeds": [0, 1], "arms": ["baseline"], "data": str(tmp_path / "data"), "runs": str(runs),
+                        "store": str(tmp_path / "store.zarr")}, "baseline": {"iters": 10}, "eval": {"split": "val"}}
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    out = tmp_path / "study.json"
+    assert main(["--params", str(params_file), "--report-only", "--out", str(out), "--plot", str(tmp_path / "p.png")]) == 0
+    report = json.loads(out.read_text())
+    assert report["arms"]["baseline"]["mAP"] == [0.60, 0.62] and report["complete"] is True
+    assert report["convergence"]["baseline"] == {"iters": [500, 1000], "seeds": [0], "mAP": [[0.3], [0.5]]}
 
 
 def test_report_only_writes_the_finished_runs_and_says_the_study_is_incomplete(tmp_path):
