@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pkd_offline.cli import main
+from pkd_offline.errors import PkdError
 from pkd_offline.extraction.pipeline import EXTRACT_PHASES
 from pkd_offline.extraction.result import ExtractionResult, significant
 from stages.extract import ExtractConfig, run_extraction
@@ -71,3 +72,14 @@ def test_the_record_flag_writes_the_record_as_json(synth_data, tmp_path):
                            "cuda_graph_failure"}
     assert (record["out"], record["samples"], record["samples_total"]) == (str(tmp_path / "f.zarr"), 8, 8)
     assert list(record["phase_seconds"]) == list(EXTRACT_PHASES)
+
+
+def test_a_record_that_cannot_be_written_is_one_line_and_the_record_folder_is_made(tmp_path):
+    result = ExtractionResult.of(out="f.zarr", samples=8, images=8, samples_total=8, resumed_samples=0, seconds=1.0,
+                                 fit_seconds=0.0, fit_samples=0, phase_seconds=dict.fromkeys(EXTRACT_PHASES, 0.1))
+    result.write(tmp_path / "new" / "record.json")
+    assert json.loads((tmp_path / "new" / "record.json").read_text())["samples"] == 8
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(PkdError, match=r"cannot write the extraction record to .*a_file/record.json.*f.zarr is "
+                                       r"complete: pass another --record path"):
+        result.write(tmp_path / "a_file" / "record.json")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pkd_offline.extraction.pipeline import EXTRACT_PHASES
+from pkd_offline.errors import PkdError
 
 
 @dataclass
@@ -70,8 +71,13 @@ class ExtractionResult:
         return dataclasses.asdict(self)
 
     def write(self, path: Path | str) -> None:
-        """The record as a JSON object at ``path``."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        """The record as a JSON object at ``path`` (its folder made); PkdError where it cannot be written."""
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        except OSError as error:
+            raise PkdError(f"cannot write the extraction record to {path}: {error.strerror}; the store at "
+                           f"{self.out} is complete: pass another --record path") from None
 
     def summary(self) -> list[str]:
         """The lines extraction prints on stderr: counts, seconds and rates; seconds per phase; graph captures
