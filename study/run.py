@@ -9,6 +9,8 @@
     python -m study.run --report-only                    # a stopped study: report the runs that finished
     python -m study.run --codec-arms                     # also the bits study's arms (offline_index_CODEC): one
                                                          # store per codec (study.stores), 3 seeds each
+    python -m study.run --questions                      # also the paper's questions (study.questions): MSE
+                                                         # imitation, the loss weight, another student family
     python -m study.run --iters 750 --out metrics/study-750it.json --plot plots/study-750it.png
                                                          # every student arm at another schedule length: its runs
                                                          # in RUNS-750it, the teacher and store the study's own
@@ -39,7 +41,8 @@ import yaml
 
 from study.aggregate import codec_decision, study_report
 from study.ledger import Ledger, run_name
-from study.plot import plot_bits, plot_study
+from study.plot import plot_bits, plot_convergence, plot_loss_weight, plot_study
+from study.questions import question_arms, question_report
 
 CLI = [sys.executable, "-m", "pkd_offline"]
 
@@ -188,13 +191,18 @@ def main(argv: list[str] | None = None) -> int:
                              "stay): runs go to RUNS-<N>it beside the study's runs")
     parser.add_argument("--codec-arms", action="store_true",
                         help="also run (or report) study.codec_arms: offline PKD from a store per codec")
+    parser.add_argument("--questions", action="store_true",
+                        help="also run (or report) study.questions' arms: MSE imitation, loss weights, FCOS")
     parser.add_argument("--ledger", type=Path,
                         help="the finished runs' record (default: beside --out, STEM-runs.json; commit it)")
     args = parser.parse_args(argv)
     params = yaml.safe_load(args.params.read_text())
     study = params["study"]
     codec_arms = study.get("codec_arms", []) if args.codec_arms else []
-    arms, seeds = args.arms or [*study["arms"], *codec_arms], args.seeds or study["seeds"]
+    questions = study.get("questions") if args.questions else None
+    extra_arms = [arm for arm in [*codec_arms, *(question_arms(questions) if questions else [])]
+                  if arm not in study["arms"]]
+    arms, seeds = args.arms or list(dict.fromkeys([*study["arms"], *extra_arms])), args.seeds or study["seeds"]
     diagnostics = study.get("diagnostics", {}) if args.diagnostics else {}
     unknown = [arm for arm in [*arms, *diagnostics, *(args.first or [])] if not isinstance(params.get(arm), dict)]
     if unknown:
@@ -278,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             for future in [chain, *runs_done]:
                 future.result()
 
-    if args.report_only and not args.arms:  # every arm that has runs, the codec arms too
-        arms = [*study["arms"], *study.get("codec_arms", [])]
+    if args.report_only and not args.arms:  # every arm that has runs, the codec arms too (and the questions' asked)
+        arms = list(dict.fromkeys([*study["arms"], *study.get("codec_arms", []), *extra_arms]))
     reported = {arm: seeds for arm in arms}
     if args.report_only and not args.seeds:  # every seed that finished, the extra seeds of a spread check too
         reported = {arm: sorted(set(seeds) | set(ledger.seeds(arm))) for arm in arms}
@@ -348,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     if rule and rule["reference"] in arm_seeds and rule["baseline"] in arm_seeds:
         by_seed = {arm: dict(zip(done, per_arm[arm])) for arm, done in arm_seeds.items()}
         report["codec_decision"] = codec_decision(by_seed, report["codec_points"], rule)
+    if questions:
+        by_seed = {arm: dict(zip(done, per_arm[arm])) for arm, done in arm_seeds.items()}
+        report["questions"] = question_report(by_seed, questions)
     report["device"] = args.device
     report["jobs"] = args.jobs
     report["params"] = str(args.params)
@@ -360,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     plot_study(report, args.plot)
     if any(arm in arm_seeds for arm in study.get("codec_arms", [])):  # not for the alias alone
         plot_bits(report, args.plot.with_name(args.plot.stem + "-bits.png"))
+    if report["convergence"]:
+        plot_convergence(report, args.plot.with_name(args.plot.stem + "-convergence.png"))
+    if (report.get("questions") or {}).get("loss_weight"):
+        plot_loss_weight(report, args.plot.with_name(args.plot.stem + "-loss-weight.png"))
     for arm, row in report["arms"].items():
         print(f"{arm:<24} mAP {row['mean']:.4f} +- {row['std']:.4f}  {[round(v, 4) for v in row['mAP']]}")
     teacher_map = f"{report['teacher']['mAP']:.4f}" if report["teacher"] else "(not evaluated)"
