@@ -1,4 +1,4 @@
-"""How many bits PKD needs: bytes, fidelity and gradient agreement of teacher-map codecs (issue 11, part 2).
+"""How many bits PKD needs: bytes, fidelity and gradient agreement of teacher-map codecs.
 
     python -m benchmarks.bits_study STORE --student RUN/model.pt --data DATA_DIR
         [--batches 4 --batch-size 8 --fit-samples 32] [--json metrics/bits-study-cpu.json]

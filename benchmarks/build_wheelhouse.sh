@@ -2,7 +2,7 @@
 # Build the wheelhouse .whl/ for an air-gapped GPU node (Python 3.12, x86-64, PyTorch and
 # torchvision preinstalled; no package index). Run on a connected machine from the repository root:
 #
-#     bash benchmarks/build_wheelhouse.sh            # -> .whl/*.whl (about 8 MB)
+#     bash benchmarks/build_wheelhouse.sh            # -> .whl/*.whl (it prints their size)
 #
 # It downloads, without their dependencies, the project's runtime dependencies that such a node
 # lacks, for CPython 3.12 on manylinux x86-64 (or pure-Python py3-none-any wheels), and builds the

@@ -3,8 +3,8 @@
     bash benchmarks/gpu_check.sh                            # on a GPU node (installs from .whl/ first)
     python -m benchmarks.gpu_check --device cpu --quick     # the same sections, small, on a CPU
 
-The pair is the paper's (``benchmarks.pairs.PAIRS["paper"]``: Swin-S teacher P2..P5, projected layout, pca
-codec; RetinaNet-R50 student at 1333x800 px, batch 2, bf16 on CUDA); ``--codec`` and ``--layout`` change the
+The pair is the paper's (``benchmarks.pairs.PAIRS["paper"]``: Swin-S teacher P2..P5, projected layout, the
+COCO recipe's codec; RetinaNet-R50 student at 1333x800 px, batch 2, bf16 on CUDA); ``--codec`` and ``--layout`` change the
 store, ``--quick`` the sizes. Sections (each fails soft: its error goes to ``errors[section]`` and the next one
 runs): synth (the project's generator, COCO-size images), extract (the CLI into zarr and WebDataset; its numbers
 from the run's record, ``--record``), forward (the teacher alone on preloaded inputs), verify (the CLI, on the
@@ -417,7 +417,7 @@ def environment(args) -> dict:
 
 def default_workers() -> tuple[int, float | None]:
     """DataLoader workers: half the CPUs, at most 8, fewer where /dev/shm is small (workers hand
-    tensors over in shared memory: a COCO-size sample's P2..P5 maps are about 73 MB as float32)."""
+    tensors over in shared memory: a COCO-size sample's P2..P5 maps are 256 x 72,250 float32 values, about 74 MB)."""
     workers = half_the_cpus()
     try:
         shm_gb = shutil.disk_usage("/dev/shm").free / 1e9

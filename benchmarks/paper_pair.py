@@ -87,7 +87,7 @@ def bench_paper_extraction(args, pair: Pair, work: Path) -> dict:
 
 
 def bench_paper_store(args, pair: Pair, data: Path, stores: dict[str, Path], work: Path, step_alone: float) -> dict:
-    """Issue 11's store figures (``benchmarks.store_cost``) on the zarr store, against an fp32 store of the same
+    """The store's figures (``benchmarks.store_cost``: bytes over the fp32 maps, decode rate over consumption) on the zarr store, against an fp32 store of the same
     layout and images."""
     exact = extract(paper_extract_config(args, pair, data, work / "paper-fp32.zarr", codec="fp32"))
     figures = store_bytes(stores["zarr"])

@@ -35,7 +35,7 @@ from benchmarks.results import ROOT, provenance, write_result
 from pkd_offline.extraction.plan import FIT_SAMPLES
 from storage import open_store
 
-DEFAULT_CODEC = PAIRS["paper"].codec  # the codec the bits study supports (README: How many bits PKD needs)
+DEFAULT_CODEC = PAIRS["paper"].codec  # the COCO recipe's (params-coco.yaml: the accuracy study's codec_decision)
 
 
 def extract_image_counts(text: str) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""The store's cost on the paper pair (issue 11's targets): bytes against the fp32 maps it replaces, the per-value
+"""The store's cost on the paper pair : bytes against the fp32 maps it replaces, the per-value
 codec alone, how fast the default workers decode it, and how faithfully the PKD gradient survives it.
 
 Called by ``benchmarks/paper_pair.py`` on the stores it extracts (the default codec and layout) plus an fp32 store

@@ -4,7 +4,7 @@ A worker hands each tensor of a batch to the main process separately: with PyTor
 ``file_descriptor`` sharing, every tensor is one shared-memory segment, one descriptor sent over a
 socket and one ``mmap`` in the main process, and a stored sample adds a tensor per level (and per codec
 part and sum). Packed, the batch is one segment per dtype, written where the worker is, and the main
-process gets views into it: its receiving cost no longer grows with the number of tensors.
+process gets views into it: its receiving cost does not grow with the number of tensors.
 
 ``pack_batch(items)`` (in a worker) gives a :class:`PackedBatch`; pickling it carries only the flat
 tensors and the batch's structure, and unpickling gives back a plain ``list`` of the same items,

@@ -174,7 +174,7 @@ def setup_distillation(cfg: TrainConfig, dataset: CocoDetection | StoreImages, m
         store = check_store_fits(cfg.features, dataset, model)
         if isinstance(dataset, CocoDetection):
             drop_images_the_store_skipped(dataset, store.manifest)
-        # On a GPU the maps travel as stored (fp16/int8: 2-4x fewer bytes from the workers) and are decoded
+        # On a GPU the maps travel as stored (fewer bytes from the workers than float32) and are decoded
         # there; on a CPU the workers decode, in parallel with the step.
         on_gpu = device.type == "cuda"
         teacher_strides = [level.stride for level in store.manifest.levels]

@@ -95,6 +95,12 @@ def test_table_shows_the_newest_result_per_benchmark_pair_and_device(tmp_path):
     rows = [line for line in table.splitlines() if line.startswith("| paper")]
     assert rows == ["| paper | h200 | h200 box | pca | 2026-11-27 | bbbbbbb | 1.200 [1.190, 1.220] | - | - | - | - |",
                     "| paper | h100 | h100 box | pca | 2026-11-25 | ccccccc | 1.400 [1.390, 1.420] | - | - | - | - |"]
+    run_facts = {**json.loads(next(tmp_path.glob("gpu_check-paper-h100*")).read_text())["provenance"],
+                 "benchmark": "run", "device": "cpu", "recorded_at": "2026-11-28T09:00:00+00:00", "date": "2026-11-28"}
+    (tmp_path / result_name(run_facts)).write_text(json.dumps({  # the paper pair's run: paper_-prefixed headlines
+        "provenance": run_facts, "paper_offline_over_online": 0.7, "paper_offline_over_online_ci95": [0.68, 0.73]}))
+    table = performance_table(tmp_path)
+    assert "| paper | cpu | h100 box | pca | 2026-11-28 | ccccccc | - | - | 0.700 [0.680, 0.730] | - |" in table
     command = subprocess.run([sys.executable, "-m", "benchmarks.table", "--results", str(tmp_path)], cwd=ROOT,
                              capture_output=True, text=True, check=True)
     assert command.stdout == table
