@@ -1,6 +1,6 @@
 """The PKD path's own operator count per training step: what ``distillation_loss`` and its backward dispatch, on
-the CPU in eager mode, for the paper's pair (projected layout, pca codec, maps kept encoded as CUDA training keeps
-them) made small: tiny models, 128 px synthetic images, random student maps of the right shapes.
+the CPU in eager mode, for the paper's pair (projected layout, the recipe's codec, maps kept encoded as CUDA
+training keeps them) made small: tiny models, 128 px synthetic images, random student maps of the right shapes.
 
 On a GPU each top-level operator is at least one launch from the host, so the count is the path's fixed cost per
 step; it should not grow with the batch.
@@ -36,7 +36,7 @@ STUDENT_STRIDES = [8, 16, 32, 64]  # RetinaNet's P3..P6, paired by index with th
 
 def small_store(work: Path) -> tuple[Path, Path]:
     """(data directory, store): ``IMAGES`` synthetic images (ragged: 128 or 96 px high) and ``SMALL_PAIR``'s
-    projected pca store of them."""
+    projected store of them (the pair's codec)."""
     data = synthetic_data(work / "data", IMAGES, 128, seed=3)
     store = extract(extract_config(SMALL_PAIR, data, work / "paper.zarr", workers=0, batch_size=4,
                                    samples_per_shard=4))
@@ -52,7 +52,8 @@ def stored_batch(data: Path, store: Path, size: int) -> list[dict]:
 
 def pkd_step(data: Path, store: Path, size: int, *, seed: int = 0) -> Callable[[], None]:
     """One PKD step (``distillation_loss`` and its backward) on the first ``size`` images of ``store``, with
-    random student maps of the pair's shapes (seeded); run once here, so caches (the pca basis) are warm."""
+    random student maps of the pair's shapes (seeded); run once here, so caches (a pca basis, the level layout) are
+    warm."""
     batch = stored_batch(data, store, size)
     manifest = open_store(str(store)).manifest
     pairs = pair_levels(STUDENT_STRIDES, [level.stride for level in manifest.levels], SMALL_PAIR.level_map)

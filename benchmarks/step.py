@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from benchmarks.timing import Clock, block_medians, bootstrap_ratio_ci, interleaved_blocks, part_medians, \
@@ -37,11 +36,9 @@ from benchmarks.timing import Clock, block_medians, bootstrap_ratio_ci, interlea
 from pkd_offline.data import CocoDetection, ViewSampler, collate
 from pkd_offline.device_codecs import EncodedMap, dense_map
 from pkd_offline.distributed import Ranks
-from pkd_offline.engine import Distillation, batch_padded_hw, stored_statistics, teacher_maps
-from pkd_offline.loss import pkd_loss
+from pkd_offline.engine import Distillation, distillation_targets, distillation_term
 from pkd_offline.models import build_detector
 from pkd_offline.precision import forward_autocast
-from pkd_offline.pyramid import valid_masks
 from pkd_offline.store_data import store_views
 from stages.train import TrainConfig, build_optimizer, setup_distillation
 
@@ -87,22 +84,6 @@ def build_mode(cfg: TrainConfig, views_store: Path | str) -> ModeRun:
                    cfg.size_divisor)
 
 
-def teacher_targets(batch: list[dict], images: list[Tensor], student_hw: dict[int, tuple[int, int]],
-                    distill: Distillation, size_divisor: int, device: torch.device
-                    ) -> tuple[dict[int, object], dict[int, Tensor]]:
-    """The teacher side of ``engine.distillation_loss``: ({teacher_stride: (N, C, H, W) map or a projected
-    level's statistics}, {teacher_stride: valid mask}); ``student_hw``: {teacher_stride: the paired student
-    map's (h, w)}. ``tests/test_benchmarks.py`` holds the step to ``training_step``'s loss and update."""
-    padded_hw = batch_padded_hw(batch, size_divisor)
-    stored_sums = batch[0].get("teacher_sums", {}) if distill.teacher is None else {}
-    projected = [t for _, t in distill.pairs if t in stored_sums]
-    teacher = dict(teacher_maps(batch, images, distill, padded_hw, device, skip=frozenset(projected)))
-    valid = valid_masks([item["image_hw"] for item in batch], padded_hw, list(teacher), device)
-    if projected:
-        teacher.update(stored_statistics(batch, projected, padded_hw, {t: student_hw[t] for t in projected}, device))
-    return teacher, valid
-
-
 def timed_step(run: ModeRun, clock: Clock) -> dict[str, float]:
     """One training step of ``run`` (the same update as ``engine.training_step``), returning its parts in ms."""
     model, device, distill = run.model, run.device, run.distill
@@ -129,10 +110,9 @@ def timed_step(run: ModeRun, clock: Clock) -> dict[str, float]:
         maps = {s: student_features[s].detach().requires_grad_(True) for s in dict.fromkeys(s for s, _ in distill.pairs)}
         student = {t: maps[s] for s, t in distill.pairs}
         with autocast():
-            teacher, valid = teacher_targets(batch, images, {t: tuple(m.shape[-2:]) for t, m in student.items()},
-                                             distill, run.size_divisor, device)
+            targets = distillation_targets(student, batch, images, distill, run.size_divisor, device)
             clock.mark("decode" if distill.teacher is None else "teacher")
-            loss_pkd = distill.alpha * pkd_loss(student, teacher, valid)
+            loss_pkd = distillation_term(student, targets, distill)
         clock.mark("pkd_forward")
         grads = torch.autograd.grad(loss_pkd, list(maps.values()))
         clock.mark("pkd_backward")

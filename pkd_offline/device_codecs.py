@@ -36,15 +36,22 @@ class DeviceCodec:
     bool tensor that is True where the codec cannot hold the values, or None where it holds any). Nothing waits
     for the device: :func:`check_range` reads the flag.
 
-    ``decode(parts, basis)``: parts of one (C, H, W) map on a device -> float32 (C, H, W) there.
+    ``decode(parts, basis)``: parts of one (C, H, W) map on a device -> float32 (C, H, W) there. A codec without
+    a basis also decodes values of many maps end to end: a map part (E,) and channel parts (E,), one per value.
 
     ``range_error``: the message of the ValueError when the flag is set (None: the flag is never set).
+
+    A codec with a basis decodes in two halves, so maps of several bases share the first: ``steps(parts)``, each
+    value on its own (parts of any shape -> float32 of the map part's shape), and ``from_steps(steps, basis)``
+    (float32 (C, M) -> float32 (C, M) values); ``decode`` is the two in turn.
     """
 
     name: str
     encode: Encoder
     decode: Decoder
     range_error: str | None = None
+    steps: Callable[[dict[str, Tensor]], Tensor] | None = None
+    from_steps: Callable[[Tensor, LevelBasis | None], Tensor] | None = None
 
 
 DEVICE_CODECS: dict[str, DeviceCodec] = {}
@@ -148,7 +155,15 @@ def _int_encoder(levels: int) -> Encoder:
 
 
 def _decode_int(parts: dict[str, Tensor], basis: LevelBasis | None = None) -> Tensor:
-    return parts["q"].float() * parts["scale"].float()[:, None, None] + parts["offset"].float()[:, None, None]
+    """q (C, H, W) with scale and offset (C,); or q (E,) with scale and offset (E,), one of each per value."""
+    scale, offset = (_float32(parts[name]) for name in ("scale", "offset"))
+    if parts["q"].dim() > 1:
+        scale, offset = scale[:, None, None], offset[:, None, None]
+    return parts["q"].float() * scale + offset
+
+
+def _float32(values: Tensor) -> Tensor:
+    return values if values.dtype == torch.float32 else values.float()
 
 
 for _name in ("int8", "int6", "int4", "int2"):
@@ -210,20 +225,29 @@ def _encode_pca(features: Tensor, basis: LevelBasis | DeviceBasis | None) -> tup
     return {"low": (codes & 0xFF).to(torch.uint8), "high": (codes >> 8).to(torch.uint8)}, too_far
 
 
+def _pca_steps(parts: dict[str, Tensor]) -> Tensor:
+    """The signed steps of pca parts of any shape (each value on its own: zigzag of two bytes), float32."""
+    codes = parts["low"].long() + 256 * parts["high"].long()
+    return ((codes >> 1) ^ -(codes & 1)).float()
+
+
+def _pca_from_steps(steps: Tensor, basis: LevelBasis | None) -> Tensor:
+    """float32 (C, M) steps -> float32 (C, M) values: rotate back, unstandardise."""
+    if basis is None:
+        raise ValueError("the pca codec needs the store's basis")
+    mean, scale, components = _basis_tensors(basis, steps, torch.float32)
+    return (components @ (steps * basis.step)) * scale[:, None] + mean[:, None]
+
+
 def _decode_pca(parts: dict[str, Tensor], basis: LevelBasis | None) -> Tensor:
     """``PcaCodec.decode`` in torch on the parts' device, in float32 (within float32 rounding of numpy's float64)."""
     if basis is None:
         raise ValueError("the pca codec needs the store's basis")
     low = parts["low"]
-    codes = low.long() + 256 * parts["high"].long()
-    steps = (codes >> 1) ^ -(codes & 1)
-    channels = low.shape[0]
-    mean, scale, components = _basis_tensors(basis, low, torch.float32)
-    standard = components @ (steps.reshape(channels, -1).float() * basis.step)
-    return (standard * scale[:, None] + mean[:, None]).reshape(low.shape)
+    return _pca_from_steps(_pca_steps(parts).reshape(low.shape[0], -1), basis).reshape(low.shape)
 
 
 register_device_codec(DeviceCodec(
-    "pca", _encode_pca, _decode_pca,
+    "pca", _encode_pca, _decode_pca, steps=_pca_steps, from_steps=_pca_from_steps, range_error=
     f"features lie too far from the pca basis's mean (beyond +-{CODECS['pca'].max_code // 2} steps): the basis was "
     "fitted on other data; use the int8 codec"))

@@ -15,19 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
 from pkd_offline.errors import PkdError
-from pkd_offline.loss import pkd_loss
+from pkd_offline.level_layout import FlatStatistics
+from pkd_offline.loss import pcc_over_levels, pkd_loss
 from pkd_offline.models import FeatureDetector
 from pkd_offline.mse_loss import mse_from_statistics
 from pkd_offline.precision import forward_autocast
-from pkd_offline.projection import TeacherStatistics
-from pkd_offline.pyramid import (batch_statistics, check_cross_shapes, level_size, pad_teacher_maps,
-                                 valid_masks, valid_rectangles_at)
-from pkd_offline.stored_batch import fit_trailing, stored_levels, to_device
+from pkd_offline.projection import TeacherStatistics, statistics_from_maps
+from pkd_offline.pyramid import (batch_statistics, cell_positions, check_cross_shapes, check_projected_frame,
+                                 level_size, pad_teacher_maps, valid_masks, valid_rectangles_at)
+from pkd_offline.stored_batch import fit_trailing, stored_cells, stored_levels, to_device
 from pkd_offline.views import padded_size
 
 
@@ -93,13 +95,84 @@ def stored_statistics(batch: list[dict], strides: list[int], padded_hw: tuple[in
             for i, t in enumerate(strides)}
 
 
-def distillation_loss(student_features: dict[int, Tensor], batch: list[dict], images: list[Tensor],
-                      distill: Distillation, size_divisor: int, device: torch.device) -> Tensor:
-    """``alpha * pkd_loss`` (with ``distill.loss``'s level loss) over the valid region of each image (scalar float32). Levels a projected store
-    holds (items with ``teacher_sums``) enter as their statistics, the others as maps. The batch is handled
-    with batched operations (none per image) and the host never waits for the device."""
+def check_channels(shapes: list[tuple[int, ...]], channels: int, strides: int | list[int]) -> None:
+    """ValueError unless every teacher map of these (C, H, W) shapes has the student's ``channels``."""
+    found = sorted({shape[0] for shape in shapes} - {channels})
+    if found:
+        raise ValueError(f"teacher maps at stride {strides} have {found} channels, the student's {channels}")
+
+
+def pyramid_targets(batch: list[dict], images: list[Tensor], distill: Distillation, padded_hw: tuple[int, int],
+                    student_hw: dict[int, tuple[int, int]], channels: int,
+                    device: torch.device) -> tuple[list[int], FlatStatistics]:
+    """The teacher side of the PCC term for all paired levels at once: (teacher strides in the order of the
+    levels, their :class:`FlatStatistics`); ``student_hw``: {teacher_stride: the paired student map's (h, w)},
+    ``channels`` theirs (ValueError where a teacher level has other channels).
+
+    Levels a projected store holds (items with ``teacher_sums``) come first, their stored ``cross`` maps decoded
+    together (``stored_batch.stored_cells``) and placed, folded, in one scatter; the others are reduced from maps
+    (``teacher_maps``). Sizes are checked and positions computed on the host (nothing waits for the device)."""
+    strides = [t for _, t in distill.pairs]
+    stored_sums = batch[0].get("teacher_sums", {}) if distill.teacher is None else {}
+    projected = [t for t in strides if t in stored_sums]
+    mapped = [t for t in strides if t not in stored_sums]
+    order, image_hw = projected + mapped, [item["image_hw"] for item in batch]
+    offsets = np.cumsum([0] + [math.prod(student_hw[t]) for t in order]).tolist()
+    levels = [(t, student_hw[t], offset) for t, offset in zip(order, offsets)]
+    valid_hw = valid_rectangles_at(image_hw, order, device)
+    values, positions, sums = [], [], []
+    teacher_hw = {t: level_size(padded_hw, t) for t in order}
+    if projected:
+        for t in projected:
+            check_projected_frame(padded_hw, t, student_hw[t])
+            shapes = [item["teacher_features"][t].shape for item in batch]
+            check_cross_shapes(shapes, image_hw, t, student_hw[t])
+            check_channels(shapes, channels, t)
+        values.append(stored_cells([item["teacher_features"][t] for t in projected for item in batch], device))
+        positions.append(cell_positions(image_hw, levels[:len(projected)], channels, offsets[-1], folded=True))
+        host = torch.stack([item["teacher_sums"][t][k] for k in (0, 1) for t in projected for item in batch])
+        sums.append(to_device(host, device).unflatten(0, (2, len(projected), len(batch))).sum(dim=2,
+                                                                                         dtype=torch.float64))
+    if mapped:
+        maps = teacher_maps(batch, images, distill, padded_hw, device, skip=frozenset(projected))
+        check_channels([maps[t].shape[1:] for t in mapped], channels, mapped)
+        valid = valid_masks(image_hw, padded_hw, mapped, device)
+        statistics = [statistics_from_maps(maps[t], valid_hw[t], student_hw[t], valid[t]) for t in mapped]
+        values.extend(level.cross.flatten() for level in statistics)
+        teacher_hw.update((t, level.teacher_hw) for t, level in zip(mapped, statistics))
+        positions.append(cell_positions(image_hw, levels[len(projected):], channels, offsets[-1], folded=False))
+        sums.append(torch.stack([level.sum for level in statistics] + [level.sum_sq for level in statistics])
+                    .sum(dim=1, dtype=torch.float64).unflatten(0, (2, len(mapped))))
+    cells = torch.cat(values) if len(values) > 1 else values[0]
+    cross = cells.new_zeros(channels * len(batch) * offsets[-1]).index_add_(
+        0, to_device(torch.from_numpy(np.concatenate(positions)), device), cells).view(channels, -1)
+    return order, FlatStatistics(cross, torch.cat(sums, dim=1) if len(sums) > 1 else sums[0],
+                                 torch.stack([valid_hw[t] for t in order]), [student_hw[t] for t in order],
+                                 [teacher_hw[t] for t in order])
+
+
+@dataclass
+class DistillationTargets:
+    """The teacher side of one batch's PKD term (:func:`distillation_targets`): all paired levels side by side
+    (``levels``, the teacher strides in their order, and ``flat``), or per level (``per_level``: a map or its
+    statistics, ``valid``: masks of the map levels)."""
+
+    levels: list[int]
+    flat: FlatStatistics | None = None
+    per_level: dict[int, Tensor | TeacherStatistics] = field(default_factory=dict)
+    valid: dict[int, Tensor] = field(default_factory=dict)
+
+
+def distillation_targets(student: dict[int, Tensor], batch: list[dict], images: list[Tensor], distill: Distillation,
+                         size_divisor: int, device: torch.device) -> DistillationTargets:
+    """The teacher side of the PKD term for ``student`` maps keyed by their paired teacher stride: for the PCC
+    with one channel count, every level at once (:func:`pyramid_targets`); else per level."""
     padded_hw = batch_padded_hw(batch, size_divisor)
-    student = {t: student_features[s] for s, t in distill.pairs}
+    if distill.loss == "pcc" and len({tuple(m.shape[:2]) for m in student.values()}) == 1:
+        order, flat = pyramid_targets(batch, images, distill, padded_hw,
+                                      {t: tuple(m.shape[-2:]) for t, m in student.items()},
+                                      next(iter(student.values())).shape[1], device)
+        return DistillationTargets(order, flat)
     stored_sums = batch[0].get("teacher_sums", {}) if distill.teacher is None else {}
     projected = [t for _, t in distill.pairs if t in stored_sums]
     teacher: dict[int, Tensor | TeacherStatistics] = dict(teacher_maps(batch, images, distill, padded_hw, device,
@@ -108,7 +181,26 @@ def distillation_loss(student_features: dict[int, Tensor], batch: list[dict], im
     if projected:
         teacher.update(stored_statistics(batch, projected, padded_hw,
                                          {t: tuple(student[t].shape[-2:]) for t in projected}, device))
-    return distill.alpha * pkd_loss(student, teacher, valid, level_loss=LEVEL_LOSSES[distill.loss])
+    return DistillationTargets([t for _, t in distill.pairs], per_level=teacher, valid=valid)
+
+
+def distillation_term(student: dict[int, Tensor], targets: DistillationTargets, distill: Distillation) -> Tensor:
+    """``alpha * pkd_loss`` (scalar float32) of ``student`` maps keyed by teacher stride against ``targets``."""
+    if targets.flat is not None:
+        return distill.alpha * pcc_over_levels([student[t] for t in targets.levels], targets.flat)
+    return distill.alpha * pkd_loss(student, targets.per_level, targets.valid, level_loss=LEVEL_LOSSES[distill.loss])
+
+
+def distillation_loss(student_features: dict[int, Tensor], batch: list[dict], images: list[Tensor],
+                      distill: Distillation, size_divisor: int, device: torch.device) -> Tensor:
+    """``alpha * pkd_loss`` (with ``distill.loss``'s level loss) over the valid region of each image (scalar
+    float32). Levels a projected store holds (items with ``teacher_sums``) enter as their statistics, the others
+    as maps. The batch is handled with batched operations (none per image), the PCC over all levels of one
+    channel count in one pass (:func:`pyramid_targets`, ``loss.pcc_over_levels``), and the host never waits for
+    the device."""
+    student = {t: student_features[s] for s, t in distill.pairs}
+    return distillation_term(student, distillation_targets(student, batch, images, distill, size_divisor, device),
+                             distill)
 
 
 def lr_factor(iteration: int, total: int, warmup: int, schedule: str) -> float:

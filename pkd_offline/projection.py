@@ -90,12 +90,17 @@ def valid_rectangles(valid: Tensor) -> Tensor:
     return hw
 
 
-def statistics_from_maps(teacher: Tensor, valid_hw: Tensor, student_hw: tuple[int, int]) -> TeacherStatistics:
-    """Reduce teacher maps (N, C, Ht, Wt) with valid rectangles (N, 2) to :class:`TeacherStatistics`."""
-    teacher = teacher.detach().float()
-    rows, cols = rectangle_masks(valid_hw, tuple(teacher.shape[-2:]))
-    weight = rows[:, None, :, None] * cols[:, None, None, :]
-    masked = teacher * weight
+def statistics_from_maps(teacher: Tensor, valid_hw: Tensor, student_hw: tuple[int, int],
+                         valid: Tensor | None = None) -> TeacherStatistics:
+    """Reduce teacher maps (N, C, Ht, Wt) with valid rectangles (N, 2) to :class:`TeacherStatistics`; ``valid``:
+    the same rectangles as a bool (N, Ht, Wt) mask where the caller has one."""
+    teacher = teacher.detach()
+    teacher = teacher if teacher.dtype == torch.float32 else teacher.float()
+    if valid is None:
+        rows, cols = rectangle_masks(valid_hw, tuple(teacher.shape[-2:]))
+        masked = teacher * (rows[:, None, :, None] * cols[:, None, None, :])
+    else:
+        masked = teacher * valid[:, None]
     return TeacherStatistics(cross=resize_adjoint(masked, student_hw), sum=masked.sum(dim=(2, 3), dtype=torch.float64),
                              sum_sq=masked.square().sum(dim=(2, 3), dtype=torch.float64), valid_hw=valid_hw,
                              teacher_hw=tuple(teacher.shape[-2:]))

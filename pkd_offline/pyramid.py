@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 from torch import Tensor
 
@@ -106,3 +108,20 @@ def projected_statistics(per_image: list[tuple[Tensor, Tensor, Tensor]], image_h
     valid_hw = valid_rectangles_at(image_hw, [teacher_stride], where)[teacher_stride]
     return batch_statistics(pad_stack([c.float() for c in crosses]).to(where), torch.stack(sums).to(where),
                             torch.stack(squares).to(where), valid_hw, padded_hw, teacher_stride, student_hw)
+
+
+def cell_positions(image_hw: list[tuple[int, int]], levels: list[tuple[int, tuple[int, int], int]], channels: int,
+                   cells: int, folded: bool) -> np.ndarray:
+    """int64: where each value of maps (levels outer, then images, channels, rows, columns) lands in the
+    side-by-side layout (``level_layout``) flattened: channel c, image n, level cell k at
+    ``c * N * cells + n * cells + k``. ``levels``: (teacher stride, student frame (Hs, Ws), the level's first
+    cell in an image). ``folded``: the maps are stored projections (``stored_cross_hw`` of each image), a row or
+    column past the frame landing on its last (:func:`projection.fold_cross`); else each image has the frame."""
+    positions, plane = [], len(image_hw) * cells
+    for stride, (height, width), offset in levels:
+        for n, hw in enumerate(image_hw):
+            rows, cols = stored_cross_hw(level_size(hw, stride)) if folded else (height, width)
+            rows, cols = np.minimum(np.arange(rows), height - 1), np.minimum(np.arange(cols), width - 1)
+            cell = n * cells + offset + rows[:, None] * width + cols[None, :]
+            positions.append((np.arange(channels)[:, None, None] * plane + cell).ravel())
+    return np.concatenate(positions)

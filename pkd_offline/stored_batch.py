@@ -7,7 +7,10 @@ there; on CUDA the stacks are page-locked before they are copied, so no copy wai
 
 from __future__ import annotations
 
+import math
 import warnings
+
+import numpy as np
 
 import torch
 from torch import Tensor
@@ -84,3 +87,75 @@ def stored_levels(per_sample: dict[int, list], device: torch.device | str | None
                  for name in values[0].parts}
         levels[stride] = decode_stacked(codec, parts, values[0].basis)
     return levels
+
+
+def flat_concat(values: list[Tensor]) -> Tensor:
+    """Tensors of one dtype and device, each flattened, end to end: one (sum of numels,) tensor, in one copy."""
+    if len(values) == 1:
+        return values[0].flatten()
+    with warnings.catch_warnings():  # the strided nested layout is a prototype; its buffer is its tensors in order
+        warnings.simplefilter("ignore", UserWarning)
+        return torch._nested_tensor_from_tensor_list(values).values()
+
+
+def stored_cells(values: list, device: torch.device | str | None) -> Tensor:
+    """Stored maps (each a (C, h_i, w_i) tensor, or each an ``EncodedMap`` of one codec) decoded on ``device``, each
+    flattened, end to end: float32 (sum C h_i w_i,). Per codec part one stack on the host and one copy, then one
+    decode: a codec without a basis decodes all values as one (E,) map part, its channel parts gathered to one per
+    value; one with a basis (pca: one per level) takes the steps of all values at once and applies each basis to
+    its maps' values (``DeviceCodec.steps``, ``from_steps``)."""
+    if not isinstance(values[0], EncodedMap):
+        return to_device(flat_concat(values), device).float()
+    if len({value.codec for value in values}) > 1:
+        raise ValueError(f"stored maps of several codecs: {sorted({value.codec for value in values})}")
+    if values[0].basis is None:
+        return _decode_without_basis(values, device)
+    runs: list[list[EncodedMap]] = []
+    for value in values:
+        if runs and _same_basis(value.basis, runs[-1][0].basis):
+            runs[-1].append(value)
+        else:
+            runs.append([value])
+    return _decode_by_steps(runs, device)
+
+
+def _decode_by_steps(runs: list[list[EncodedMap]], device: torch.device | str | None) -> Tensor:
+    """:func:`stored_cells` of a codec with a basis (``DeviceCodec.steps``): the steps of every value at once, then
+    per run (basis) one ``from_steps`` on its (C, cells) steps, gathered there and back by one index each."""
+    values = [value for run in runs for value in run]
+    codec = DEVICE_CODECS[values[0].codec]
+    parts = {name: to_device(flat_concat([value.parts[name] for value in values]), device) for name in values[0].parts}
+    starts = np.cumsum([0] + [math.prod(value.shape) for value in values])
+    order, block, sizes = [], 0, []  # order: buffer positions of each run's (channel, its maps' cells)
+    for run in runs:
+        blocks = [np.arange(starts[block + i], starts[block + i + 1]).reshape(value.shape[0], -1)
+                  for i, value in enumerate(run)]
+        order.append(np.concatenate(blocks, axis=1).ravel())
+        sizes.append(order[-1].size)
+        block += len(run)
+    gather = np.concatenate(order)
+    index = to_device(torch.from_numpy(np.stack([gather, np.argsort(gather)])), device)
+    by_channel = codec.steps(parts).index_select(0, index[0]).split(sizes)
+    decoded = [codec.from_steps(steps.view(run[0].shape[0], -1), run[0].basis).flatten()
+               for run, steps in zip(runs, by_channel)]
+    return (decoded[0] if len(decoded) == 1 else torch.cat(decoded)).index_select(0, index[1])
+
+
+def _same_basis(basis, other) -> bool:
+    """True for one basis: the same object, or two read from the same store side file (one ``key``)."""
+    return basis is other or (basis is not None and other is not None and bool(basis.key) and basis.key == other.key)
+
+
+def _decode_without_basis(values: list[EncodedMap], device: torch.device | str | None) -> Tensor:
+    """:func:`stored_cells` of maps of a codec without a basis."""
+    first = values[0]
+    names = [name for name, part in first.parts.items() if part.dim() == 1]
+    parts = {name: to_device(flat_concat([value.parts[name] for value in values]), device)
+             for name in first.parts if name not in names}
+    if names:  # (parts, maps * C) gathered to each value's (map, channel)
+        repeats = np.repeat([value.shape[-2] * value.shape[-1] for value in values], first.shape[0])
+        index = to_device(torch.from_numpy(np.repeat(np.arange(len(repeats)), repeats)), device)
+        host = torch.stack([value.parts[name] for name in names for value in values])
+        gathered = to_device(host, device).reshape(len(names), -1).index_select(1, index)
+        parts.update(zip(names, gathered.unbind(0)))
+    return DEVICE_CODECS[first.codec].decode(parts, first.basis)

@@ -94,3 +94,42 @@ def test_channel_mismatch_is_an_error():
     generator = torch.Generator().manual_seed(15)
     with pytest.raises(ValueError, match="channels"):
         pcc_loss(torch.randn(1, 3, 4, 4, generator=generator), torch.randn(1, 4, 4, 4, generator=generator))
+
+
+def test_levels_in_one_pass_match_an_independent_reference_in_value_and_gradient():
+    """Three levels of one channel count (student maps half the teacher's, ragged valid regions): the one-pass
+    loss and its gradient equal the definition computed level by level in float64 (resize, standardise over the
+    valid cells, mse / 2)."""
+    generator = torch.Generator().manual_seed(16)
+    sizes = {4: (12, 10), 8: (6, 5), 16: (4, 3)}
+    teacher = {s: torch.randn(3, 4, *hw, generator=generator) * (1 + s) + s for s, hw in sizes.items()}
+    student = {s: (torch.randn(3, 4, (h + 1) // 2, (w + 1) // 2, generator=generator) - s).requires_grad_()
+               for s, (h, w) in sizes.items()}
+    valid = {}
+    for s, (h, w) in sizes.items():
+        valid[s] = torch.zeros(3, h, w, dtype=torch.bool)
+        for n, (rows, cols) in enumerate([(h, w), (h - 1, w - 2), (h // 2, w)]):
+            valid[s][n, :rows, :cols] = True
+    loss = pkd_loss(student, teacher, valid)
+    grads = torch.autograd.grad(loss, list(student.values()))
+    reference = 0.0
+    for s in sizes:
+        resized = torch.nn.functional.interpolate(student[s].double(), size=sizes[s], mode="bilinear",
+                                                  align_corners=False).transpose(0, 1)[:, valid[s]]
+        values = teacher[s].double().transpose(0, 1)[:, valid[s]]
+        standard = [(v - v.mean(dim=1, keepdim=True)) / (v.var(dim=1, unbiased=False, keepdim=True).sqrt() + 1e-6)
+                    for v in (resized, values)]
+        reference = reference + ((standard[0] - standard[1]) ** 2).mean() / 2
+    expected = torch.autograd.grad(reference, list(student.values()))
+    assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-7)
+
+
+def test_levels_of_other_channel_counts_pass_apart():
+    generator = torch.Generator().manual_seed(17)
+    teacher = {8: torch.randn(2, 3, 8, 8, generator=generator), 16: torch.randn(2, 5, 4, 4, generator=generator),
+               32: torch.randn(2, 3, 2, 2, generator=generator)}
+    student = {s: torch.randn(*t.shape[:2], 32 // s, 32 // s, generator=generator) for s, t in teacher.items()}
+    expected = sum(pcc_loss(student[s], teacher[s]).item() for s in teacher)
+    assert pkd_loss(student, teacher).item() == pytest.approx(expected, abs=1e-6)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pkd_offline.device_codecs import DEVICE_CODECS, EncodedMap
-from pkd_offline.stored_batch import fit_trailing, pad_stack, stored_levels
+from pkd_offline.stored_batch import fit_trailing, pad_stack, stored_cells, stored_levels
 from storage import CODECS
 from storage.pca_basis import fit_level_basis
 from storage.testing import smooth_features
@@ -19,16 +19,17 @@ def ragged_maps() -> list[np.ndarray]:
     return [smooth_features(rng, channels=5, height=h, width=w) for h, w in SIZES]
 
 
+def encoded(name: str, maps: list[np.ndarray]) -> list[EncodedMap]:
+    """``maps`` encoded with codec ``name`` (pca: with a basis fitted on them)."""
+    basis = fit_level_basis(maps, step=0.01) if name == "pca" else None
+    codec = CODECS[name].bound(basis) if basis is not None else CODECS[name]
+    return [EncodedMap(name, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in codec.encode(m).items()},
+                       basis) for m in maps]
+
+
 @pytest.mark.parametrize("name", sorted(DEVICE_CODECS))
 def test_one_decode_per_level_equals_decoding_each_sample(name):
-    maps = ragged_maps()
-    basis = fit_level_basis(maps, step=0.01) if name == "pca" else None
-    stored = []
-    for features in maps:
-        codec = CODECS[name].bound(basis) if basis is not None else CODECS[name]
-        parts = codec.encode(features)
-        stored.append(EncodedMap(name, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in parts.items()},
-                                 basis))
+    stored = encoded(name, ragged_maps())
     batch = stored_levels({4: stored}, "cpu")[4]
     assert batch.shape == (3, 5, 9, 13) and batch.dtype == torch.float32
     for i, sample in enumerate(stored):
@@ -45,3 +46,17 @@ def test_dense_maps_are_zero_padded_and_fitted_to_a_frame():
     assert torch.equal(batch[2, :, :, :7], maps[2]) and not batch[2, :, :, 7:].any()
     assert torch.equal(pad_stack(maps, (5, 8, 15)), fit_trailing(batch, (8, 15)))
     assert fit_trailing(batch, (8, 15)).shape == (3, 5, 8, 15) and not fit_trailing(batch, (8, 15))[..., 13:].any()
+
+
+@pytest.mark.parametrize("name", sorted(DEVICE_CODECS))
+def test_cells_of_several_levels_decode_as_each_sample_flattened(name):
+    """Two levels (another basis each for pca) of ragged maps, decoded together, end to end (pca: a matrix
+    product over more cells at once, so equal up to float32 rounding)."""
+    rng = np.random.default_rng(2)
+    smaller = [smooth_features(rng, channels=5, height=h, width=w) for h, w in [(4, 3), (2, 5), (3, 3)]]
+    stored = encoded(name, ragged_maps()) + encoded(name, smaller)
+    expected = torch.cat([sample.decode("cpu").flatten() for sample in stored])
+    tolerance = 1e-6 if name == "pca" else 0.0
+    torch.testing.assert_close(stored_cells(stored, "cpu"), expected, rtol=tolerance, atol=tolerance)
+    dense = [torch.from_numpy(m) for m in ragged_maps() + smaller]
+    assert torch.equal(stored_cells(dense, None), torch.cat([m.flatten() for m in dense]))
