@@ -42,8 +42,8 @@ def newest_results(folder: Path) -> dict[tuple[str, str, str], dict]:
 
 def cell(result: dict, key: str) -> str:
     """``value`` or ``value [low, high]`` to 3 decimals, from ``key`` or the pair-prefixed ``PAIR_key`` (the paper
-    pair's run writes ``paper_``-prefixed headlines); ``-`` where the result has neither."""
-    prefixed = f"{result['provenance']['pair']}_{key}"
+    pair's run, quick or not, writes ``paper_``-prefixed headlines); ``-`` where the result has neither."""
+    prefixed = f"{result['provenance']['pair'].removesuffix('_quick')}_{key}"
     key = key if key in result else prefixed
     value = result.get(key)
     if not isinstance(value, (int, float)):

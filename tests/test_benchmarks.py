@@ -99,8 +99,12 @@ def test_table_shows_the_newest_result_per_benchmark_pair_and_device(tmp_path):
                  "benchmark": "run", "device": "cpu", "recorded_at": "2026-11-28T09:00:00+00:00", "date": "2026-11-28"}
     (tmp_path / result_name(run_facts)).write_text(json.dumps({  # the paper pair's run: paper_-prefixed headlines
         "provenance": run_facts, "paper_offline_over_online": 0.7, "paper_offline_over_online_ci95": [0.68, 0.73]}))
+    quick_facts = {**run_facts, "pair": "paper_quick"}
+    (tmp_path / result_name(quick_facts)).write_text(json.dumps({"provenance": quick_facts,
+                                                                  "paper_offline_over_online": 0.8}))
     table = performance_table(tmp_path)
     assert "| paper | cpu | h100 box | pca | 2026-11-28 | ccccccc | - | - | 0.700 [0.680, 0.730] | - |" in table
+    assert "| paper_quick | cpu | h100 box | pca | 2026-11-28 | ccccccc | - | - | 0.800 | - |" in table
     command = subprocess.run([sys.executable, "-m", "benchmarks.table", "--results", str(tmp_path)], cwd=ROOT,
                              capture_output=True, text=True, check=True)
     assert command.stdout == table
@@ -108,7 +112,11 @@ def test_table_shows_the_newest_result_per_benchmark_pair_and_device(tmp_path):
 
 def test_results_folder_names_fit_the_scheme_or_are_legacy():
     for path in (ROOT / "benchmarks" / "results").glob("*.json"):
-        content = json.loads(path.read_text().strip().splitlines()[-1])
+        text = path.read_text().strip()
+        try:  # a result file is one JSON document; legacy files end with a JSON line after the run's log
+            content = json.loads(text)
+        except json.JSONDecodeError:
+            content = json.loads(text.splitlines()[-1])
         assert bool(NAME.match(path.name)) == ("provenance" in content), path.name
 
 
