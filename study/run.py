@@ -200,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     study = params["study"]
     codec_arms = study.get("codec_arms", []) if args.codec_arms else []
     questions = study.get("questions") if args.questions else None
-    extra_arms = [arm for arm in [*codec_arms, *(question_arms(questions) if questions else [])]
-                  if arm not in study["arms"]]
+    extra_arms = [*codec_arms, *(question_arms(questions) if questions else [])]
     arms, seeds = args.arms or list(dict.fromkeys([*study["arms"], *extra_arms])), args.seeds or study["seeds"]
     diagnostics = study.get("diagnostics", {}) if args.diagnostics else {}
     unknown = [arm for arm in [*arms, *diagnostics, *(args.first or [])] if not isinstance(params.get(arm), dict)]
@@ -352,12 +351,11 @@ def main(argv: list[str] | None = None) -> int:
                 teachers.setdefault(f"{teacher_map:.4f}", set()).add(seed)
     report["teacher_mAP_seeds"] = {teacher_map: sorted(seeds) for teacher_map, seeds in sorted(teachers.items())}
     report["convergence"] = convergence(ledger, {**arm_seeds, **diagnostic_seeds})
+    by_seed = {arm: dict(zip(done, per_arm[arm])) for arm, done in arm_seeds.items()}  # {arm: {seed: mAP}}
     rule = study.get("codec_rule")
     if rule and rule["reference"] in arm_seeds and rule["baseline"] in arm_seeds:
-        by_seed = {arm: dict(zip(done, per_arm[arm])) for arm, done in arm_seeds.items()}
         report["codec_decision"] = codec_decision(by_seed, report["codec_points"], rule)
     if questions:
-        by_seed = {arm: dict(zip(done, per_arm[arm])) for arm, done in arm_seeds.items()}
         report["questions"] = question_report(by_seed, questions)
     report["device"] = args.device
     report["jobs"] = args.jobs
