@@ -28,7 +28,7 @@ from pkd_offline.mse_loss import mse_from_statistics
 from pkd_offline.precision import forward_autocast
 from pkd_offline.projection import TeacherStatistics, statistics_from_maps
 from pkd_offline.pyramid import (batch_statistics, cell_positions, check_cross_shapes, check_projected_frame,
-                                 level_size, pad_teacher_maps, valid_masks, valid_rectangles_at)
+                                 level_size, pad_teacher_maps, place_cells, valid_masks, valid_rectangles_at)
 from pkd_offline.stored_batch import fit_trailing, stored_cells, stored_levels, to_device
 from pkd_offline.views import padded_size
 
@@ -138,14 +138,16 @@ def pyramid_targets(batch: list[dict], images: list[Tensor], distill: Distillati
         check_channels([maps[t].shape[1:] for t in mapped], channels, mapped)
         valid = valid_masks(image_hw, padded_hw, mapped, device)
         statistics = [statistics_from_maps(maps[t], valid_hw[t], student_hw[t], valid[t]) for t in mapped]
+        first_value = values[0].numel() if projected else 0  # the mapped levels' values follow the stored ones
         values.extend(level.cross.flatten() for level in statistics)
         teacher_hw.update((t, level.teacher_hw) for t, level in zip(mapped, statistics))
-        positions.append(cell_positions(image_hw, levels[len(projected):], channels, offsets[-1], folded=False))
+        positions.append(cell_positions(image_hw, levels[len(projected):], channels, offsets[-1], folded=False,
+                                        first_value=first_value))
         sums.append(torch.stack([level.sum for level in statistics] + [level.sum_sq for level in statistics])
                     .sum(dim=1, dtype=torch.float64).unflatten(0, (2, len(mapped))))
     cells = torch.cat(values) if len(values) > 1 else values[0]
-    cross = cells.new_zeros(channels * len(batch) * offsets[-1]).index_add_(
-        0, to_device(torch.from_numpy(np.concatenate(positions)), device), cells).view(channels, -1)
+    columns = to_device(torch.from_numpy(np.concatenate(positions, axis=1)), device)
+    cross = place_cells(cells, columns, channels, len(batch) * offsets[-1])
     return order, FlatStatistics(cross, torch.cat(sums, dim=1) if len(sums) > 1 else sums[0],
                                  torch.stack([valid_hw[t] for t in order]), [student_hw[t] for t in order],
                                  [teacher_hw[t] for t in order])

@@ -111,17 +111,30 @@ def projected_statistics(per_image: list[tuple[Tensor, Tensor, Tensor]], image_h
 
 
 def cell_positions(image_hw: list[tuple[int, int]], levels: list[tuple[int, tuple[int, int], int]], channels: int,
-                   cells: int, folded: bool) -> np.ndarray:
-    """int64: where each value of maps (levels outer, then images, channels, rows, columns) lands in the
-    side-by-side layout (``level_layout``) flattened: channel c, image n, level cell k at
-    ``c * N * cells + n * cells + k``. ``levels``: (teacher stride, student frame (Hs, Ws), the level's first
-    cell in an image). ``folded``: the maps are stored projections (``stored_cross_hw`` of each image), a row or
-    column past the frame landing on its last (:func:`projection.fold_cross`); else each image has the frame."""
-    positions, plane = [], len(image_hw) * cells
+                   cells: int, folded: bool, first_value: int = 0) -> np.ndarray:
+    """int64 (3, K), one column per cell of one channel (K: every level's and image's cells; the channels are
+    expanded on the device, :func:`place_cells`): row 0, where the cell lands in one channel's plane of the
+    side-by-side layout (``level_layout``: image n, level cell k at ``n * cells + k``); row 1, where the cell's
+    channel-0 value lies in the maps flattened (levels outer, then images, channels, rows, columns), counted from
+    ``first_value``; row 2, the step from one channel's value to the next (the cells of that level and image).
+    ``levels``: (teacher stride, student frame (Hs, Ws), the level's first cell in an image). ``folded``: the maps
+    are stored projections (``stored_cross_hw`` of each image), a row or column past the frame landing on its last
+    (:func:`projection.fold_cross`); else each image has the frame."""
+    columns, value = [], first_value
     for stride, (height, width), offset in levels:
         for n, hw in enumerate(image_hw):
             rows, cols = stored_cross_hw(level_size(hw, stride)) if folded else (height, width)
-            rows, cols = np.minimum(np.arange(rows), height - 1), np.minimum(np.arange(cols), width - 1)
-            cell = n * cells + offset + rows[:, None] * width + cols[None, :]
-            positions.append((np.arange(channels)[:, None, None] * plane + cell).ravel())
-    return np.concatenate(positions)
+            plane = (n * cells + offset + np.minimum(np.arange(rows), height - 1)[:, None] * width
+                     + np.minimum(np.arange(cols), width - 1)[None, :]).ravel()
+            columns.append(np.stack([plane, value + np.arange(plane.size), np.full(plane.size, plane.size)]))
+            value += channels * plane.size
+    return np.concatenate(columns, axis=1)
+
+
+def place_cells(values: Tensor, columns: Tensor, channels: int, plane: int) -> Tensor:
+    """Sum ``values`` (the maps flattened as :func:`cell_positions` orders them, float32) into the side-by-side
+    layout: float32 (channels, plane); ``columns`` is :func:`cell_positions`'s (3, K) on the values' device. The
+    channels are expanded there, so the host builds K indices, not channels x K."""
+    into, first, step = columns.unbind(0)
+    gather = torch.arange(channels, device=values.device).unsqueeze(1) * step + first
+    return values.new_zeros(channels, plane).index_add_(1, into, values.take(gather))
