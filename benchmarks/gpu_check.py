@@ -11,7 +11,7 @@ from the run's record, ``--record``), forward (the teacher alone on preloaded in
 device), steps (``benchmarks.step``: the student alone, offline from each store, online with the teacher,
 interleaved in blocks, each step split into its parts; ratios with 95% bootstrap intervals over blocks), read
 (store read rate vs the student's consumption), loss (offline loss == online loss on a batch of equal-size
-images), torchrun (extract and train under ``torchrun --nproc_per_node 1``: nccl on CUDA, gloo on CPU), batch
+images), extract_long (stage one over at least ``long_samples`` samples, with and without CUDA graphs), torchrun (extract and train under ``torchrun --nproc_per_node 1``: nccl on CUDA, gloo on CPU), batch
 (``benchmarks.batch_path``: extraction's per-batch path piece by piece). See docs/gpu.md for every key.
 """
 
@@ -90,15 +90,16 @@ class Sizes:
     backbone: str
     budget_seconds: int  # sections not started by then are skipped, so the JSON line always comes
     samples_per_shard: int  # store shards >= loader workers, so every worker streams and writes overlap forwards
+    long_samples: int  # the long extraction's samples at least: the training set repeated as often as needed
 
 
 FULL = Sizes(images=48, image_size=1333, short_side=PAPER.short_side, max_size=PAPER.max_size, variant=PAPER.variant,
              batch_size=PAPER.batch_size, extract_batch_size=8, warmup=10, blocks=10, steps_per_block=20,
              forward_rounds=3, verify_samples=3, torchrun_iters=3, backbone=PAPER.backbone, budget_seconds=420,
-             samples_per_shard=4)
+             samples_per_shard=4, long_samples=2000)
 QUICK = Sizes(images=8, image_size=160, short_side=128, max_size=160, variant="tiny", batch_size=2,
               extract_batch_size=4, warmup=1, blocks=3, steps_per_block=2, forward_rounds=2, verify_samples=2,
-              torchrun_iters=2, backbone="resnet18", budget_seconds=600, samples_per_shard=4)
+              torchrun_iters=2, backbone="resnet18", budget_seconds=600, samples_per_shard=4, long_samples=24)
 MODES = ("alone", "offline_zarr", "offline_wds", "online")
 START = time.perf_counter()
 DEADLINE = [START + 600.0]  # subprocesses are killed past it (set from the budget in main)
@@ -278,6 +279,57 @@ def section_forward(args, sizes: Sizes, work: Path, result: dict) -> None:
             name: rate / result["forward"]["img_per_s"] for name, rate in result["extract"]["img_per_s_marginal"].items()}
 
 
+def repeated_set(work: Path, copies: int) -> Path:
+    """``work/long``: the training set (``work/data``) listed ``copies`` times under new image ids, its images the
+    same files (``long/train`` links to ``data/train``): a long run of the one synthetic set, at its sizes."""
+    source = json.loads((work / "data" / "annotations" / "instances_train.json").read_text())
+    images, annotations = [], []
+    top_image = max(image["id"] for image in source["images"])
+    top_annotation = max((a["id"] for a in source["annotations"]), default=0)
+    for copy in range(copies):
+        images += [{**image, "id": image["id"] + copy * top_image} for image in source["images"]]
+        annotations += [{**a, "id": a["id"] + copy * top_annotation, "image_id": a["image_id"] + copy * top_image}
+                        for a in source["annotations"]]
+    long = work / "long"
+    (long / "annotations").mkdir(parents=True, exist_ok=True)
+    (long / "annotations" / "instances_train.json").write_text(json.dumps({**source, "images": images,
+                                                                           "annotations": annotations}))
+    if not (long / "train").exists():
+        (long / "train").symlink_to((work / "data" / "train").resolve(), target_is_directory=True)
+    return long
+
+
+def section_extract_long(args, sizes: Sizes, work: Path, result: dict) -> None:
+    """Stage one over a long run: the training set repeated (``repeated_set``) to at least ``long_samples`` samples
+    of its own sizes (so start-up is a small share and the forward's rate applies), into zarr, and on CUDA again with ``cuda_graphs`` off. Per run, from its record:
+    the steady rate, the share of its seconds spent before the steady state (the pca fit and the graph captures,
+    ``warmup_share``), seconds per phase and captures; over the teacher forward's rate (section ``forward``, run
+    before it) where there is one: ``extract_long_ratio_over_forward`` (the graphed run; the eager one beside)."""
+    copies = -(-sizes.long_samples // (sizes.images * PAPER.views))
+    repeated_set(work, copies)
+    runs = [("long", {})] + ([("long_eager", {"cuda_graphs": False})] if args.device == "cuda" else [])
+    figures = {}
+    for name, settings in runs:
+        seconds, record = run_extract(args, sizes, work, "long", f"{name}.zarr", name, **settings)
+        warmup = record["fit_seconds"] + record["cuda_graph_capture_seconds"]
+        figures[name] = {"samples": record["samples"], "copies_of_the_set": copies, "command_seconds": seconds,
+                         "record_seconds": record["seconds"], "img_per_s_steady": steady_rate(record),
+                         "warmup_share": warmup / record["seconds"] if record["seconds"] else None,
+                         "phase_seconds": record["phase_seconds"],
+                         "cuda_graph_captures": record["cuda_graph_captures"],
+                         "cuda_graph_capture_seconds": record["cuda_graph_capture_seconds"]}
+        log(f"  extract {name}: {record['samples']} samples in {record['seconds']:.1f} s, steady "
+            f"{figures[name]['img_per_s_steady']:.1f} img/s, warm-up {figures[name]['warmup_share']:.1%}, "
+            f"{record['cuda_graph_captures']} cuda graphs")
+        shutil.rmtree(work / f"{name}.zarr", ignore_errors=True)  # a long store is large; nothing reads it again
+    result["extract_long"] = figures
+    forward = result.get("forward", {}).get("img_per_s")
+    if forward:
+        result["extract_long_ratio_over_forward"] = figures["long"]["img_per_s_steady"] / forward
+        if "long_eager" in figures:
+            result["extract_long_eager_ratio_over_forward"] = figures["long_eager"]["img_per_s_steady"] / forward
+
+
 def section_verify(args, sizes: Sizes, work: Path, result: dict) -> None:
     seconds, stdout, _ = cli(["verify", str(work / "f.zarr"), "--data", str(work / "data"), "--samples",
                               str(sizes.verify_samples), "--device", args.device, "--json", "--no-progress"])
@@ -396,8 +448,8 @@ def section_cuda_tests(args, sizes: Sizes, work: Path, result: dict) -> None:
 
 
 SECTIONS = {"synth": section_synth, "extract": section_extract, "forward": section_forward, "verify": section_verify,
-            "steps": section_steps, "read": section_read, "loss": section_loss, "torchrun": section_torchrun,
-            "batch": section_batch, "cuda_tests": section_cuda_tests}
+            "steps": section_steps, "read": section_read, "loss": section_loss, "extract_long": section_extract_long,
+            "torchrun": section_torchrun, "batch": section_batch, "cuda_tests": section_cuda_tests}
 
 
 def environment(args) -> dict:
@@ -440,8 +492,9 @@ def run_check(args, sizes: Sizes) -> dict:
                                       pair.codec, f"{result['device']}, {result['cpus']} CPUs")
     if os.environ.get("PKD_INSTALL_SECONDS"):
         result["install_seconds"] = float(os.environ["PKD_INSTALL_SECONDS"])
-    for key in ("extract_ratio_over_forward", "step_ratio_offline_over_alone", "step_ratio_online_over_alone",
-                "offline_over_online", "read_rate_over_consumption", "offline_online_loss_rel_diff"):
+    for key in ("extract_ratio_over_forward", "extract_long_ratio_over_forward", "step_ratio_offline_over_alone",
+                "step_ratio_online_over_alone", "offline_over_online", "read_rate_over_consumption",
+                "offline_online_loss_rel_diff"):
         result[key] = None
     log(f"gpu check on {result['device']} ({result['cpus']} CPUs, {args.workers} loader workers), torch "
         f"{torch.__version__}, {'quick' if args.quick else 'full'} sizes {vars(sizes)}")

@@ -134,7 +134,9 @@ class ZarrReader(StoreReader):
 
     _CACHED_SHARDS = 16
 
-    def __init__(self, location: Location, manifest: Manifest) -> None:
+    def __init__(self, location: Location, manifest: Manifest, *, direct_reads: bool = True) -> None:
+        """``direct_reads``: read a local store's chunks straight from its shard files where its layout allows
+        (``storage.zarr_direct``); False reads every sample through zarr's codec pipeline."""
         super().__init__(location, manifest)
         root = self.root
         try:
@@ -167,7 +169,7 @@ class ZarrReader(StoreReader):
                                  "describe this store; re-extract it")
             self.arrays[name] = array
         self._metadata: dict[int, dict[str, np.ndarray]] = {}
-        self._direct = self._direct_chunk_files()
+        self._direct = self._direct_chunk_files() if direct_reads else {}
 
     def _direct_chunk_files(self) -> dict[str, ChunkFile]:
         """On a local store whose feature arrays all have the layout ``ZarrWriter`` writes, a ``ChunkFile`` per

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import zarr_pipeline
 from benchmarks.pairs import PAIRS, extract_command, extract_config, sized, synthetic_data, train_config
 from benchmarks.results import NAME, device_slug, result_name
 from benchmarks.step import build_mode, step_benchmark, timed_step
@@ -180,3 +181,20 @@ def test_step_benchmark_reports_ratios_with_intervals_and_breakdowns(tiny_setup)
     assert set(figures["step_breakdown_ms"]) == set(configs)
     assert "decode" in figures["step_breakdown_ms"]["offline_wds"] and "teacher" in figures["step_breakdown_ms"]["online"]
     assert figures["peak_gpu_memory_gb"] == dict.fromkeys(configs)
+
+
+def test_zarr_pipeline_reads_the_same_samples_every_way_and_rates_each_against_direct(tiny_setup):
+    _, _, store, _ = tiny_setup
+    figures = zarr_pipeline.bench(Path(store), rounds=2)
+    assert figures["paths"][:2] == ["direct", "zarr"] and figures["samples"] == 4
+    for name in figures["paths"][1:]:
+        low, high = figures[f"{name}_over_direct_ci95"]
+        assert 0 < low <= figures[f"{name}_over_direct"] <= high
+    # a path that reads other values is refused before anything is timed
+    opened = zarr_pipeline.readers(Path(store))
+    wrong = opened["zarr"]
+    original = wrong.read
+    wrong.read = lambda index: original(index + 1)
+    with pytest.raises(SystemExit, match="zarr reads sample 0"):
+        zarr_pipeline.same_samples(opened)
+    assert not zarr_pipeline.readers(Path(store))["zarr"]._direct, "the zarr path reads through zarr"

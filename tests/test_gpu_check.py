@@ -24,8 +24,8 @@ from stages.verify import VerifyConfig, verify
 from storage import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
-HEADLINE = ("extract_ratio_over_forward", "step_ratio_offline_over_alone", "step_ratio_online_over_alone",
-            "read_rate_over_consumption", "offline_online_loss_rel_diff")
+HEADLINE = ("extract_ratio_over_forward", "extract_long_ratio_over_forward", "step_ratio_offline_over_alone",
+            "step_ratio_online_over_alone", "read_rate_over_consumption", "offline_online_loss_rel_diff")
 MODES = ("alone", "offline_zarr", "offline_wds", "online")
 
 
@@ -42,8 +42,8 @@ def test_quick_cpu_check_ends_with_one_whole_json_line(tmp_path):
         assert isinstance(figures[key], float) and figures[key] >= 0, key
     # Timing ratios are only checked to be measured (positive, finite): their values on a shared CPU
     # are noise, and speed is the benchmarks' business, not a test's.
-    for key in ("extract_ratio_over_forward", "step_ratio_offline_over_alone", "step_ratio_online_over_alone",
-                "read_rate_over_consumption"):
+    for key in ("extract_ratio_over_forward", "extract_long_ratio_over_forward", "step_ratio_offline_over_alone",
+                "step_ratio_online_over_alone", "read_rate_over_consumption"):
         assert 0 < figures[key] < float("inf"), key
     assert figures["offline_online_loss_rel_diff"] < figures["loss_check"]["tolerance"] == loss_tolerance(PAIRS["paper"].codec)
     assert figures["step_ratio_offline_over_alone"] == max(figures["step_ratio_offline_over_alone_per_format"].values())
@@ -73,6 +73,11 @@ def test_quick_cpu_check_ends_with_one_whole_json_line(tmp_path):
     # the GPU-only tests ran (and, without a GPU, skipped themselves); the check's forward has no graphs off CUDA
     assert figures["cuda_tests"]["exit_code"] == 0 and "skipped" in figures["cuda_tests"]["summary"]
     assert "forward_graphed" not in figures and figures["extract"]["img_per_s_steady_without_graphs"] is None
+    # the long extraction: the training set repeated to at least long_samples, one run off CUDA (no eager twin)
+    long = figures["extract_long"]
+    assert set(long) == {"long"} and long["long"]["samples"] >= figures["sizes"]["long_samples"]
+    assert long["long"]["samples"] == figures["sizes"]["images"] * long["long"]["copies_of_the_set"]
+    assert 0 <= long["long"]["warmup_share"] < 1 and set(long["long"]["phase_seconds"]) == set(EXTRACT_PHASES)
 
 
 @pytest.mark.slow
