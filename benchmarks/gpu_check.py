@@ -344,7 +344,8 @@ def mode_config(args, sizes: Sizes, work: Path, mode: str, **settings):
     """The TrainConfig of ``mode`` (``MODES``) for the check's pair on the training set."""
     stores = {"offline_zarr": work / "f.zarr", "offline_wds": work / "wds"}
     return train_config(check_pair(args, sizes), work / "data", features=stores.get(mode), online=mode == "online",
-                        **{"workers": args.workers, "device": args.device, "lr": 0.002, **settings})
+                        **{"workers": args.workers, "device": args.device, "lr": 0.002,
+                           "image_decode": args.image_decode, **settings})
 
 
 def section_steps(args, sizes: Sizes, work: Path, result: dict) -> None:
@@ -487,7 +488,8 @@ def run_check(args, sizes: Sizes) -> dict:
     result: dict = {**environment(args), "quick": args.quick, "sizes": vars(sizes), "workers": args.workers,
                     "shm_free_gb": shm_gb, "teacher": pair.teacher, "student": f"{pair.student}/{pair.backbone}",
                     "levels": pair.teacher_levels, "level_map": pair.level_map, "codec_flag": args.codec,
-                    "codec": pair.codec, "layout": pair.layout, "errors": {}, "section_seconds": {}}
+                    "codec": pair.codec, "layout": pair.layout, "image_decode": args.image_decode, "errors": {},
+                    "section_seconds": {}}
     result["provenance"] = provenance("gpu_check", "paper_quick" if args.quick else "paper", result["device"],
                                       pair.codec, f"{result['device']}, {result['cpus']} CPUs")
     if os.environ.get("PKD_INSTALL_SECONDS"):
@@ -534,6 +536,9 @@ def main() -> None:
     parser.add_argument("--work", help="scratch folder (default: a temporary one, removed at the end)")
     parser.add_argument("--workers", type=int, help="DataLoader workers (default: half the CPUs, at most 8)")
     parser.add_argument("--only", help="comma-separated sections to run, in order (default: all)")
+    parser.add_argument("--image-decode", dest="image_decode", default="workers", choices=("workers", "device"),
+                        help="where every training mode (the student alone too) decodes its JPEGs: the loader's "
+                             "workers, or the step on the device (nvJPEG on CUDA)")
     parser.add_argument("--codec", choices=sorted(CODECS), help=f"store codec (default: the pair's, {PAPER.codec})")
     parser.add_argument("--layout", choices=("full", "projected"),
                         help=f"store layout (default: the pair's, {PAPER.layout}: P2..P4 at the student's resolution)")

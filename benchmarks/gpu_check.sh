@@ -3,6 +3,7 @@
 # python -m benchmarks.gpu_check, which ends with one JSON line (docs/gpu.md says what each key means).
 #
 #     bash benchmarks/gpu_check.sh [--device cuda|cpu] [--quick] [--out DIR] [--workers N] [--only a,b]
+#                                   [--image-decode workers|device]
 #
 # Install: the project's other dependencies come from .whl/ (benchmarks/build_wheelhouse.sh builds
 # it on a connected machine) with pip --no-index --no-deps into a folder of their own put first on

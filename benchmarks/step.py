@@ -35,6 +35,7 @@ from benchmarks.timing import Clock, block_medians, bootstrap_ratio_ci, interlea
     ratio_of_medians
 from pkd_offline.data import CocoDetection, ViewSampler, collate
 from pkd_offline.device_codecs import EncodedMap, dense_map
+from pkd_offline.device_images import decode_on
 from pkd_offline.distributed import Ranks
 from pkd_offline.engine import Distillation, distillation_targets, distillation_term
 from pkd_offline.models import build_detector
@@ -71,7 +72,7 @@ def build_mode(cfg: TrainConfig, views_store: Path | str) -> ModeRun:
     persistent workers (pinned on CUDA) and the optimiser."""
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
-    dataset = CocoDetection(cfg.data, cfg.split, store_views(views_store))
+    dataset = CocoDetection(cfg.data, cfg.split, store_views(views_store), image_decode=cfg.image_decode)
     model = build_detector(cfg.student, num_classes=dataset.num_classes, variant=cfg.variant, backbone=cfg.backbone)
     source, distill = setup_distillation(cfg, dataset, model, device, Ranks())
     model.to(device)
@@ -92,6 +93,8 @@ def timed_step(run: ModeRun, clock: Clock) -> dict[str, float]:
     clock.start()
     batch = next(run.batches)
     clock.mark("loader")
+    batch = decode_on(batch, device)  # where the workers hand on JPEG bytes (--image-decode device)
+    clock.mark("image_decode")
     images = [item["image"].to(device, non_blocking=True) for item in batch]
     targets = [{k: v.to(device) for k, v in item["target"].items()} for item in batch]
     clock.mark("copy")

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from pkd_offline.errors import PkdError
 from pkd_offline.packed_batch import PackedBatch, pack_batch
-from pkd_offline.views import View, apply_view
+from pkd_offline.views import View, apply_view, resized_size, view_target
 from storage.files import sha256_local_file
 
 
@@ -74,6 +74,23 @@ def read_image(path: Path) -> Tensor:
         raise PkdError(f"image {path} is corrupt ({error}): replace it or remove it from the annotation file") from None
 
 
+def read_jpeg_bytes(path: Path) -> tuple[Tensor, tuple[int, int]]:
+    """A JPEG file's bytes as a uint8 (B,) tensor and its (h, w) px from the header alone (nothing decoded);
+    PkdError naming the file if it is missing, unreadable or not a JPEG (a device decodes JPEG only)."""
+    try:
+        with Image.open(path) as image:
+            kind, (width, height) = image.format, image.size
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise PkdError(f"image {path} not found: check --data and the annotation file's file_name") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise PkdError(f"image {path} is corrupt ({error}): replace it or remove it from the annotation file") from None
+    if kind != "JPEG":
+        raise PkdError(f"image {path} is {kind}, not JPEG: --image-decode device decodes JPEG only; train with "
+                       "--image-decode workers")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8), (height, width)
+
+
 def decode_image(data: bytes, where: str) -> Tensor:
     """Decode an image file's bytes (as a store holds them) to a (3, H, W) uint8 tensor, as :func:`read_image`
     decodes the file; PkdError naming ``where`` if they are not an image."""
@@ -90,13 +107,18 @@ class CocoDetection(Dataset):
     (K, 4) float xyxy view pixels, ``labels`` (K,) int64 contiguous, ``masks`` (K, h, w) uint8 if
     ``with_masks``), ``image_id``, ``view_index``, ``image_hw`` (h, w) and ``original_hw`` (H, W).
     Crowd annotations and boxes under 1 px are left out; images without boxes are kept.
+
+    With ``image_decode="device"`` an item carries ``jpeg`` (the file's bytes, uint8 (B,)) and its ``view`` in
+    place of ``image``; the training step decodes the batch on its device (``pkd_offline.device_images``).
     """
 
-    def __init__(self, root: Path, split: str, views: list[View], *, with_masks: bool = False) -> None:
+    def __init__(self, root: Path, split: str, views: list[View], *, with_masks: bool = False,
+                 image_decode: str = "workers") -> None:
         self.root = Path(root)
         self.split = split
         self.views = list(views)
         self.with_masks = with_masks
+        self.image_decode = image_decode
         self.annotation_file = annotation_path(self.root, split)
         self.coco = load_coco(self.annotation_file)
         self.image_ids: list[int] = sorted(self.coco.imgs)
@@ -135,23 +157,34 @@ class CocoDetection(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         image_index, view_index = key
         image_id = self.image_ids[image_index]
-        image = read_image(self.image_file(image_id))
-        if tuple(image.shape[-2:]) != self.original_hw(image_id):
-            raise PkdError(
-                f"image {self.image_file(image_id)} is {image.shape[-1]}x{image.shape[-2]} px but the annotation "
-                f"file says {self.original_hw(image_id)[1]}x{self.original_hw(image_id)[0]}: fix one of them"
-            )
-        view_image, target = apply_view(image, self.target(image_id), self.views[view_index])
+        view = self.views[view_index]
+        if self.image_decode == "device":  # the file's bytes; the step decodes them (pkd_offline.device_images)
+            data, hw = read_jpeg_bytes(self.image_file(image_id))
+            self._check_size(image_id, hw)
+            target = view_target(self.target(image_id), hw, view)
+            image = {"jpeg": data, "view": view, "image_hw": resized_size(*hw, view)}
+        else:
+            decoded = read_image(self.image_file(image_id))
+            self._check_size(image_id, tuple(decoded.shape[-2:]))
+            view_image, target = apply_view(decoded, self.target(image_id), view)
+            image = {"image": view_image, "image_hw": tuple(view_image.shape[-2:])}
         target["image_id"] = torch.tensor(image_id)
         return {
-            "image": view_image,
+            **image,
             "target": target,
             "image_id": image_id,
             "image_index": image_index,
             "view_index": view_index,
-            "image_hw": tuple(view_image.shape[-2:]),
             "original_hw": self.original_hw(image_id),
         }
+
+    def _check_size(self, image_id: int, hw: tuple[int, int]) -> None:
+        """PkdError unless the image file's (h, w) is the annotation file's."""
+        if tuple(hw) != self.original_hw(image_id):
+            raise PkdError(
+                f"image {self.image_file(image_id)} is {hw[1]}x{hw[0]} px but the annotation "
+                f"file says {self.original_hw(image_id)[1]}x{self.original_hw(image_id)[0]}: fix one of them"
+            )
 
 
 class ViewSampler(Sampler):

@@ -25,6 +25,7 @@ from pkd_offline.level_layout import FlatStatistics
 from pkd_offline.loss import pcc_over_levels, pkd_loss
 from pkd_offline.models import FeatureDetector
 from pkd_offline.mse_loss import mse_from_statistics
+from pkd_offline.device_images import decode_on
 from pkd_offline.precision import forward_autocast
 from pkd_offline.projection import TeacherStatistics, statistics_from_maps
 from pkd_offline.pyramid import (batch_statistics, cell_positions, check_cross_shapes, check_projected_frame,
@@ -227,6 +228,7 @@ def training_step(model: FeatureDetector, batch: list[dict], optimizer: torch.op
     """One optimiser step on ``batch`` (AMP bf16 on CUDA); returns loss, loss_det, loss_pkd and each
     detection term as floats. Raises FloatingPointError, before any update, if the loss is not finite."""
     model.train()
+    batch = decode_on(batch, device)
     images = [item["image"].to(device, non_blocking=True) for item in batch]
     targets = [{k: v.to(device) for k, v in item["target"].items()} for item in batch]
     with forward_autocast(device):

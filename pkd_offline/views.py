@@ -69,7 +69,7 @@ def view_padded_size(height: int, width: int, view: View) -> tuple[int, int]:
 
 
 def apply_view(image: Tensor, target: dict[str, Tensor] | None, view: View) -> tuple[Tensor, dict[str, Tensor] | None]:
-    """Apply ``view`` to an image and its target together.
+    """Apply ``view`` to an image and its target together (:func:`view_image`, :func:`view_target`).
 
     Args:
         image: (3, H, W) uint8 (0..255) or float (0..1).
@@ -78,6 +78,13 @@ def apply_view(image: Tensor, target: dict[str, Tensor] | None, view: View) -> t
     Returns:
         The (3, h, w) float32 image in 0..1 and the target with boxes (and masks) in view pixels.
     """
+    original_hw = tuple(image.shape[-2:])
+    return view_image(image, view), None if target is None else view_target(target, original_hw, view)
+
+
+def view_image(image: Tensor, view: View) -> Tensor:
+    """The (3, h, w) float32 image in 0..1 after ``view``'s resize (bilinear) and flip, on the image's device;
+    ``image`` (3, H, W) uint8 (0..255) or float (0..1)."""
     if image.dtype == torch.uint8:
         image = image.float() / 255.0
     height, width = image.shape[-2:]
@@ -86,8 +93,15 @@ def apply_view(image: Tensor, target: dict[str, Tensor] | None, view: View) -> t
         image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
     if view.flip:
         image = image.flip(-1)
-    if target is None:
-        return image.contiguous(), None
+    return image.contiguous()
+
+
+def view_target(target: dict[str, Tensor], original_hw: tuple[int, int], view: View) -> dict[str, Tensor]:
+    """``target`` of an image of ``original_hw`` (H, W) px in ``view``'s pixels: ``boxes`` (K, 4) xyxy scaled and
+    flipped, ``masks`` (K, h, w) uint8 resized (nearest) and flipped; other keys pass through. Needs only the
+    image's size, so it runs where the image is not decoded."""
+    height, width = original_hw
+    new_h, new_w = resized_size(height, width, view)
     target = dict(target)
     boxes = target["boxes"].float() * torch.tensor([new_w / width, new_h / height] * 2)
     if view.flip:
@@ -100,7 +114,7 @@ def apply_view(image: Tensor, target: dict[str, Tensor] | None, view: View) -> t
         else:
             masks = masks.new_zeros((0, new_h, new_w))
         target["masks"] = masks.flip(-1) if view.flip else masks
-    return image.contiguous(), target
+    return target
 
 
 def boxes_to_original(boxes: Tensor, view: View, original_hw: tuple[int, int]) -> Tensor:

@@ -87,6 +87,10 @@ class TrainConfig:
     size_divisor: int = setting(32, help="batches padded to a multiple of this, px")
     views: int = setting(2, help="views per image (resize and flip) without --features (a store brings its own)")
     workers: int = setting(2, help="DataLoader worker processes")
+    image_decode: str = setting("workers", help="where JPEG images are decoded and their views replayed: workers "
+                                                "(the DataLoader processes) or device (the step, on --device, "
+                                                "batched with torchvision's decode_jpeg: nvJPEG on CUDA); needs --data",
+                                choices=("workers", "device"), noun="image decode")
     device: str = setting("cpu", help="torch device, e.g. cpu, cuda, cuda:1 (under torchrun: each rank's own GPU)")
     seed: int = setting(0, help="seed of the model's initialisation and the data order")
     resume: bool = setting(False, help="continue from OUT/last.pt")
@@ -122,6 +126,9 @@ class TrainConfig:
         if self.data is None and self.features is None:
             raise PkdError("--data DIR is needed (or --features STORE written by `extract --with-images`, to train "
                            "from the store alone)")
+        if self.data is None and self.image_decode == "device":
+            raise PkdError("--image-decode device reads JPEG files from --data; a store's own images are decoded in "
+                           "the workers: pass --data DIR or --image-decode workers")
         if self.data is None and self.eval_every and self.val_split and self.val_store is None:
             raise PkdError("--eval-every reads a val set: pass --val-store STORE (written by `extract --split val "
                            "--with-images`) or --data DIR")
@@ -146,7 +153,8 @@ def training_data(cfg: TrainConfig, views: list[View]) -> CocoDetection | StoreI
     """The training data set: the data directory ``cfg.data``, or without it the store ``cfg.features`` alone
     (:class:`pkd_offline.store_data.StoreImages`; one-line PkdError when the store cannot feed training by itself)."""
     if cfg.data is not None:
-        return CocoDetection(cfg.data, cfg.split, views, with_masks=cfg.student in USES_MASKS)
+        return CocoDetection(cfg.data, cfg.split, views, with_masks=cfg.student in USES_MASKS,
+                             image_decode=cfg.image_decode)
     from pkd_offline.store_data import store_dataset
 
     return store_dataset(cfg.features, views, cfg.student)
