@@ -22,8 +22,11 @@ over blocks (``timing.bootstrap_ratio_ci``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -85,8 +88,12 @@ def build_mode(cfg: TrainConfig, views_store: Path | str) -> ModeRun:
                    cfg.size_divisor)
 
 
-def timed_step(run: ModeRun, clock: Clock) -> dict[str, float]:
-    """One training step of ``run`` (the same update as ``engine.training_step``), returning its parts in ms."""
+def timed_step(run: ModeRun, clock: Clock, device_waits: list[str] | None = None) -> dict[str, float]:
+    """One training step of ``run`` (the same update as ``engine.training_step``), returning its parts in ms and,
+    for a distilled mode, ``pkd_host``: the host's own ms in the PKD path (targets, term and their gradient pass,
+    from the first call to the last return; on CUDA the launching, which the device's time runs behind; not part
+    of ``step``). With ``device_waits`` (a list) on CUDA, the PKD path runs under
+    ``torch.cuda.set_sync_debug_mode("warn")`` and each place it waited for the device is appended."""
     model, device, distill = run.model, run.device, run.distill
     autocast = functools.partial(forward_autocast, device)  # the one policy (bf16 on CUDA), as training_step runs
     model.train()
@@ -112,12 +119,14 @@ def timed_step(run: ModeRun, clock: Clock) -> dict[str, float]:
         # (a map computed from another, P6 from P5, would otherwise carry its share twice).
         maps = {s: student_features[s].detach().requires_grad_(True) for s in dict.fromkeys(s for s, _ in distill.pairs)}
         student = {t: maps[s] for s, t in distill.pairs}
-        with autocast():
+        host = time.perf_counter()
+        with autocast(), sync_debug(device, device_waits):
             targets = distillation_targets(student, batch, images, distill, run.size_divisor, device)
             clock.mark("decode" if distill.teacher is None else "teacher")
             loss_pkd = distillation_term(student, targets, distill)
-        clock.mark("pkd_forward")
-        grads = torch.autograd.grad(loss_pkd, list(maps.values()))
+            clock.mark("pkd_forward")
+            grads = torch.autograd.grad(loss_pkd, list(maps.values()))
+        host = 1000 * (time.perf_counter() - host)
         clock.mark("pkd_backward")
         torch.autograd.backward([loss_det, *(student_features[s] for s in maps)], [None, *grads])
         loss = loss_det + loss_pkd.detach()
@@ -125,8 +134,27 @@ def timed_step(run: ModeRun, clock: Clock) -> dict[str, float]:
     optimizer.step()
     clock.mark("backward_and_update")
     parts = clock.parts()
+    if distill is not None:
+        parts["pkd_host"] = host
     run.losses.append(float(loss.detach()))
     return parts
+
+
+@contextlib.contextmanager
+def sync_debug(device: torch.device, waits: list[str] | None):
+    """On CUDA with ``waits`` a list: torch's sync debug mode "warn" inside, each warning's message (where the host
+    waited for the device) appended to ``waits``; else nothing."""
+    if waits is None or device.type != "cuda":
+        yield
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    waits.extend(str(warning.message).splitlines()[0] for warning in caught)
 
 
 def ratio_with_ci(numerator: list[float], denominator: list[float]) -> tuple[float, list[float]]:
@@ -167,7 +195,9 @@ def step_benchmark(configs: dict[str, TrainConfig], views_store: Path | str, *, 
     """Build every mode of ``configs`` ({mode: TrainConfig}; ``alone`` among them), warm each up (``warmup``
     untimed steps, its peak device memory measured then), run them interleaved in ``blocks`` blocks of
     ``steps_per_block`` timed steps, and return the ratios (``step_ratios``), ``step_breakdown_ms`` {mode:
-    {part: median ms}}, ``step_seconds`` {mode: median s}, ``peak_gpu_memory_gb`` {mode: GB the mode added, or
+    {part: median ms}} (``pkd_host``: the PKD path's host ms, see ``timed_step``), ``step_seconds`` {mode: median
+    s}, ``pkd_path_device_waits`` (CUDA: {distilled mode: {where the PKD path waited for the device: count}} over
+    one step, {} each where it never waits; None off CUDA), ``peak_gpu_memory_gb`` {mode: GB the mode added, or
     None off CUDA}, ``last_step_loss`` and the sizes run."""
     device = torch.device(next(iter(configs.values())).device)
     clock = Clock(device)
@@ -184,7 +214,14 @@ def step_benchmark(configs: dict[str, TrainConfig], views_store: Path | str, *, 
     timed = interleaved_blocks({mode: functools.partial(timed_step, run, clock) for mode, run in runs.items()},
                                blocks=blocks, steps_per_block=steps_per_block)
     breakdown = {mode: part_medians(values) for mode, values in timed.items()}
-    return {**step_ratios(timed), "step_breakdown_ms": breakdown,
+    waits = {}
+    if device.type == "cuda":  # one more step of each distilled mode, the PKD path under the sync debug mode
+        for mode, run in runs.items():
+            if run.distill is not None:
+                messages: list[str] = []
+                timed_step(run, clock, device_waits=messages)
+                waits[mode] = dict(Counter(messages))
+    return {**step_ratios(timed), "step_breakdown_ms": breakdown, "pkd_path_device_waits": waits or None,
             "step_seconds": {mode: parts["step"] / 1000 for mode, parts in breakdown.items()},
             "peak_gpu_memory_gb": memory, "last_step_loss": {mode: run.losses[-1] for mode, run in runs.items()},
             "step_timing": {"blocks": blocks, "steps_per_block": steps_per_block, "warmup": warmup,

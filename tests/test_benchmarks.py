@@ -160,7 +160,13 @@ def test_timed_step_makes_the_engines_update(tiny_setup, mode):
     assert timed.losses[-1] == pytest.approx(terms["loss"], rel=1e-6)
     expected = {"alone": [], "offline": ["decode", "pkd_forward", "pkd_backward"],
                 "online": ["teacher", "pkd_forward", "pkd_backward"]}[mode]
-    assert list(parts) == ["loader", "copy", "student_forward", *expected, "backward_and_update", "step"]
+    host = ["pkd_host"] if mode != "alone" else []
+    assert list(parts) == ["loader", "image_decode", "copy", "student_forward", *expected, "backward_and_update",
+                           "step", *host]
+    assert parts["step"] == pytest.approx(sum(v for k, v in parts.items() if k not in ("step", "pkd_host")))
+    if host:  # on the CPU the host runs the path: its time covers the timed parts it spans
+        spanned = sum(parts[k] for k in expected)
+        assert 0.5 * spanned <= parts["pkd_host"] <= spanned + 5
     for (name, a), b in zip(reference.model.named_parameters(), timed.model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=name)
 
@@ -181,6 +187,8 @@ def test_step_benchmark_reports_ratios_with_intervals_and_breakdowns(tiny_setup)
     assert set(figures["step_breakdown_ms"]) == set(configs)
     assert "decode" in figures["step_breakdown_ms"]["offline_wds"] and "teacher" in figures["step_breakdown_ms"]["online"]
     assert figures["peak_gpu_memory_gb"] == dict.fromkeys(configs)
+    assert {mode for mode, parts in figures["step_breakdown_ms"].items() if "pkd_host" in parts} == set(configs) - {"alone"}
+    assert figures["pkd_path_device_waits"] is None, "the sync debug mode is CUDA's"
 
 
 def test_zarr_pipeline_reads_the_same_samples_every_way_and_rates_each_against_direct(tiny_setup):
