@@ -69,11 +69,19 @@ def build_retinanet(*, num_classes: int, variant: str = "full", backbone: str = 
     return _wrap(detector, P3_P7, spec)
 
 
+FCOS_SIDE_BIAS = 1.0  # each box side starts one anchor size (the level's stride) from its location
+
+
 def build_fcos(*, num_classes: int, variant: str = "full", backbone: str = "resnet50") -> FeatureDetector:
+    """FCOS on P3..P7, one location-sized anchor per level. The box regression's output bias starts at
+    ``FCOS_SIDE_BIAS``: torchvision's head puts the four side distances through a ReLU and starts them at zero
+    bias, so about half start at zero, where a box of zero width or height gets no gradient from the GIoU loss,
+    and from scratch the regression dies (GIoU loss fixed at 1.0) within a few steps."""
     channels = fpn_channels(variant)
     fpn = cnn_fpn(backbone, variant=variant, first_stride=8, extra_blocks=LastLevelP6P7(channels, channels))
     anchors = AnchorGenerator(tuple((s,) for s in P3_P7), ((1.0,),) * len(P3_P7))
     detector = FCOS(fpn, num_classes, anchor_generator=anchors, score_thresh=0.05, **COMMON)
+    nn.init.constant_(detector.head.regression_head.bbox_reg.bias, FCOS_SIDE_BIAS)
     return _wrap(detector, P3_P7, {"name": "fcos", "variant": variant, "backbone": backbone, "num_classes": num_classes})
 
 
