@@ -56,8 +56,9 @@ class LevelCodecs:
         return self.codec.bound(self.bases[stride]) if self.bases else self.codec
 
 
-class StoreWriter:
-    """Writes shards of one store; several processes may write disjoint shards of the same store."""
+class StoreHandle:
+    """One store's place and description: ``location`` (``root``, its string), ``manifest``, the ``codec`` it names
+    and ``level_codecs`` (the codec bound to each level's basis, where it has one)."""
 
     def __init__(self, location: Location, manifest: Manifest) -> None:
         self.location = location
@@ -65,6 +66,10 @@ class StoreWriter:
         self.manifest = manifest
         self.codec: Codec = CODECS[manifest.codec]
         self.level_codecs = LevelCodecs(location, manifest)
+
+
+class StoreWriter(StoreHandle):
+    """Writes shards of one store; several processes may write disjoint shards of the same store."""
 
     def completed_shards(self) -> set[int]:
         """Indices of shards whose data and marker are written (resume skips them)."""
@@ -158,15 +163,11 @@ class StoreWriter:
                                      f"({level.channels}, <={level.max_height}, <={level.max_width})")
 
 
-class StoreReader:
+class StoreReader(StoreHandle):
     """Reads a finalized store: random access by sample index, or streaming shard by shard."""
 
     def __init__(self, location: Location, manifest: Manifest) -> None:
-        self.location = location
-        self.root = str(location)
-        self.manifest = manifest
-        self.codec: Codec = CODECS[manifest.codec]
-        self.level_codecs = LevelCodecs(location, manifest)
+        super().__init__(location, manifest)
         self.level_codecs.bases  # a missing or damaged basis is refused when the store is opened
         self._image_index: dict[int, int] | None = None
         # True: samples keep each level as its codec stores it (EncodedLevel), checked but not decoded,
