@@ -11,8 +11,10 @@ from the run's record, ``--record``), forward (the teacher alone on preloaded in
 device), steps (``benchmarks.step``: the student alone, offline from each store, online with the teacher,
 interleaved in blocks, each step split into its parts; ratios with 95% bootstrap intervals over blocks), read
 (store read rate vs the student's consumption), loss (offline loss == online loss on a batch of equal-size
-images), extract_long (stage one over at least ``long_samples`` samples, with and without CUDA graphs), torchrun (extract and train under ``torchrun --nproc_per_node 1``: nccl on CUDA, gloo on CPU), batch
-(``benchmarks.batch_path``: extraction's per-batch path piece by piece). See docs/gpu.md for every key.
+images), torchrun (extract and train under ``torchrun --nproc_per_node 1``: nccl on CUDA, gloo on CPU), batch
+(``benchmarks.batch_path``: extraction's per-batch path piece by piece), cuda_tests, extract_long (stage one over
+at least ``long_samples`` samples, with and without CUDA graphs; last, in what the budget leaves). See docs/gpu.md
+for every key.
 """
 
 from __future__ import annotations
@@ -448,9 +450,11 @@ def section_cuda_tests(args, sizes: Sizes, work: Path, result: dict) -> None:
         print(process.stdout[-4000:], process.stderr[-2000:], file=sys.stderr)
 
 
+# extract_long comes last: the checks before it are short, and it takes what the budget leaves (alone:
+# --only synth,extract,forward,extract_long).
 SECTIONS = {"synth": section_synth, "extract": section_extract, "forward": section_forward, "verify": section_verify,
-            "steps": section_steps, "read": section_read, "loss": section_loss, "extract_long": section_extract_long,
-            "torchrun": section_torchrun, "batch": section_batch, "cuda_tests": section_cuda_tests}
+            "steps": section_steps, "read": section_read, "loss": section_loss, "torchrun": section_torchrun,
+            "batch": section_batch, "cuda_tests": section_cuda_tests, "extract_long": section_extract_long}
 
 
 def environment(args) -> dict:
