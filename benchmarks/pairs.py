@@ -31,6 +31,7 @@ class Pair:
     layout: str
     student_levels: str | None  # the student levels a projected store serves
     codec: str
+    pca_step: float | None  # the pca codec's step (None: the extract default)
     views: int
     student: str
     backbone: str
@@ -41,18 +42,21 @@ class Pair:
     batch_size: int
 
 
-def coco_recipe_codec() -> str:
-    """The stage-one codec of ``params-coco.yaml`` (the accuracy study's ``codec_decision``)."""
+def coco_recipe_store() -> tuple[str, float | None]:
+    """The stage-one codec of ``params-coco.yaml`` and its pca step (None: not a pca store, or the default): the
+    accuracy study's ``codec_decision``."""
     recipe = Path(__file__).resolve().parents[1] / "params-coco.yaml"
-    return yaml.safe_load(recipe.read_text())["extract_index"]["codec"]
+    extract = yaml.safe_load(recipe.read_text())["extract_index"]
+    return extract["codec"], extract.get("pca_step")
 
 
 PAIRS = {
     "paper": Pair(name="paper", teacher="swin_s", teacher_levels="2,3,4,5", layout="projected",
-                  student_levels="3,4,5,6", codec=coco_recipe_codec(), views=1, student="retinanet", backbone="resnet50",
-                  level_map="index", variant="full", short_side=800, max_size=1333, batch_size=2),
+                  student_levels="3,4,5,6", codec=coco_recipe_store()[0], pca_step=coco_recipe_store()[1], views=1,
+                  student="retinanet", backbone="resnet50", level_map="index", variant="full", short_side=800,
+                  max_size=1333, batch_size=2),
     "tiny": Pair(name="tiny", teacher="swin", teacher_levels="2,3,4,5,6", layout="full", student_levels=None,
-                 codec="int8", views=2, student="retinanet", backbone="resnet18", level_map="stride",
+                 codec="int8", pca_step=None, views=2, student="retinanet", backbone="resnet18", level_map="stride",
                  variant="tiny", short_side=192, max_size=192, batch_size=8),
 }
 
@@ -70,6 +74,8 @@ def extract_config(pair: Pair, data: Path, out: Path | str, **settings) -> Extra
                   data=Path(data), out=out, codec=pair.codec, views=pair.views, levels=pair.teacher_levels,
                   layout=pair.layout, student_levels=pair.student_levels, short_side=pair.short_side,
                   max_size=pair.max_size, progress=False, overwrite=True)
+    if pair.pca_step is not None and pair.codec == values["codec"]:
+        values["pca_step"] = pair.pca_step
     values.update(settings)
     if values["layout"] != "projected":
         values["student_levels"] = None

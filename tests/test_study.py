@@ -160,4 +160,5 @@ def test_coco_params_follow_the_studys_codec_decision():
     assert extract.get("pca_step") == decision["pca_step"]
     from benchmarks.pairs import PAIRS
 
-    assert PAIRS["paper"].codec == decision["codec"]  # the benchmarks measure the recipe's store
+    assert (PAIRS["paper"].codec, PAIRS["paper"].pca_step) == (decision["codec"], decision["pca_step"])  # the
+    # benchmarks measure the recipe's store
