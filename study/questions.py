@@ -3,9 +3,11 @@
 - ``mse_sweep``: plain MSE imitation's loss weight, chosen on one seed (the best mAP of the swept weights);
 - ``pcc_vs_mse``: PKD's PCC loss against MSE at the chosen weight, paired by seed (RQ2);
 - ``loss_weight``: PKD at several loss weights, each paired with the reference weight by seed (RQ4);
-- ``student_family``: per other student family, its baseline and offline PKD, paired by seed (RQ3).
+- ``student_family``: per other student family, its baseline and offline PKD, paired by seed (RQ3);
+- ``convergence_gaps``: each arm evaluated during training against the baseline at each evaluated iteration,
+  paired by seed (the paper's "PKD converges faster").
 
-Pure functions over ``{arm: {seed: mAP}}``, so the report's schema is tested without training.
+Pure functions over ``{arm: {seed: mAP}}`` (and the report's ``convergence`` block), so the report's schema is tested without training.
 """
 
 from __future__ import annotations
@@ -63,6 +65,30 @@ def question_report(by_seed: dict[str, dict[int, float]], questions: dict) -> di
     return {"mse_sweep": sweep, "pcc_vs_mse": pcc_vs_mse,
             "loss_weight": {"reference": float(spec["reference"]), "weights": weights} if weights else None,
             "student_family": families}
+
+
+def convergence_gaps(convergence: dict[str, dict], baseline: str) -> dict[str, dict[str, dict]]:
+    """``{arm: {iteration: paired(arm minus baseline)}}`` from the report's ``convergence`` block (per arm its
+    ``iters``, ``seeds`` and ``mAP`` [per iteration [per seed]]): at each evaluated iteration, each arm against
+    ``baseline`` on the seeds both evaluated (the paper's "PKD converges faster" is a positive gap early on);
+    arms with fewer than two such seeds are left out."""
+    base = convergence.get(baseline)
+    if base is None:
+        return {}
+    base_at = {it: dict(zip(base["seeds"], row)) for it, row in zip(base["iters"], base["mAP"])}
+    gaps = {}
+    for arm, curve in convergence.items():
+        if arm == baseline:
+            continue
+        per_iter = {}
+        for it, row in zip(curve["iters"], curve["mAP"]):
+            if it in base_at:
+                comparison = paired(dict(zip(curve["seeds"], row)), base_at[it])
+                if comparison is not None:
+                    per_iter[str(it)] = comparison
+        if per_iter:
+            gaps[arm] = per_iter
+    return gaps
 
 
 def question_arms(questions: dict) -> list[str]:

@@ -42,7 +42,7 @@ import yaml
 from study.aggregate import codec_decision, study_report
 from study.ledger import Ledger, run_name
 from study.plot import plot_bits, plot_convergence, plot_loss_weight, plot_study
-from study.questions import question_arms, question_report
+from study.questions import convergence_gaps, question_arms, question_report
 
 CLI = [sys.executable, "-m", "pkd_offline"]
 
@@ -357,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         report["codec_decision"] = codec_decision(by_seed, report["codec_points"], rule)
     if questions:
         report["questions"] = question_report(by_seed, questions)
+        report["questions"]["convergence_gaps"] = convergence_gaps(report["convergence"], questions["baseline"])
     report["device"] = args.device
     report["jobs"] = args.jobs
     report["params"] = str(args.params)

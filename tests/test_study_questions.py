@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from study.questions import mse_sweep, question_arms, question_report
+from study.questions import convergence_gaps, mse_sweep, question_arms, question_report
 from study.run import main
 
 QUESTIONS = {"pcc": "pkd", "baseline": "base",
@@ -81,7 +81,21 @@ def test_report_only_with_questions_reports_them_and_plots_convergence_and_loss_
     report = json.loads(out.read_text())
     assert report["questions"]["pcc_vs_mse"]["mse"]["arm"] == "mse_mid"
     assert report["convergence"]["base"]["iters"] == [10, 20]
+    gaps = report["questions"]["convergence_gaps"]
+    assert set(gaps) == {"pkd"} and set(gaps["pkd"]) == {"10", "20"}
     assert (tmp_path / "study-convergence.png").stat().st_size > 0
     assert (tmp_path / "study-loss-weight.png").stat().st_size > 0
     main(["--params", str(params_file), "--report-only", "--out", str(out), "--plot", str(plot)])
     assert "questions" not in json.loads(out.read_text())  # only asked for
+
+
+def test_convergence_gaps_pair_each_iteration_by_seed_against_the_baseline():
+    convergence = {"base": {"iters": [500, 1000], "seeds": [3, 4, 5], "mAP": [[0.20, 0.25, 0.15], [0.50, 0.52, 0.51]]},
+                   "pkd": {"iters": [500, 1000], "seeds": [4, 5, 6], "mAP": [[0.40, 0.30, 0.90], [0.55, 0.56, 0.90]]},
+                   "lone": {"iters": [500, 1000], "seeds": [6], "mAP": [[0.5], [0.6]]}}
+    gaps = convergence_gaps(convergence, "base")
+    assert set(gaps) == {"pkd"}, "an arm sharing under two seeds with the baseline is left out"
+    early = gaps["pkd"]["500"]
+    assert early["seeds"] == [4, 5] and early["diffs"] == pytest.approx([0.15, 0.15])
+    assert gaps["pkd"]["1000"]["diffs"] == pytest.approx([0.03, 0.05])
+    assert convergence_gaps(convergence, "missing") == {}
