@@ -90,9 +90,10 @@ def plot_bits(report: dict, out: Path) -> Path:
 def plot_convergence(report: dict, out: Path) -> Path:
     """Write a PNG of mAP against training iteration (``report["convergence"]``: evaluations during each run),
     mean over the seeds that have every point, per arm, with the seeds as faint lines."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colours: no two arms share one
     for index, (name, curve) in enumerate(sorted(report["convergence"].items())):
-        color = f"C{index % 10}"
+        color = "black" if name == "baseline" else colors[index % len(colors)]
         per_seed = list(zip(*curve["mAP"]))  # (seeds, iters)
         for values in per_seed:
             ax.plot(curve["iters"], values, color=color, alpha=0.25, linewidth=1)
@@ -100,7 +101,7 @@ def plot_convergence(report: dict, out: Path) -> Path:
         ax.plot(curve["iters"], means, "o-", color=color, label=f"{name} (n={len(curve['seeds'])})")
     _label(ax, "training iteration",
            "Convergence: mAP during training (mean over seeds; faint: single seeds)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower right", fontsize=7, ncol=2)
     return _save(fig, out)
 
 
