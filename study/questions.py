@@ -67,19 +67,21 @@ def question_report(by_seed: dict[str, dict[int, float]], questions: dict) -> di
             "student_family": families}
 
 
-def convergence_gaps(convergence: dict[str, dict], baseline: str) -> dict[str, dict[str, dict]]:
-    """``{arm: {iteration: paired(arm minus baseline)}}`` from the report's ``convergence`` block (per arm its
+def convergence_gaps(convergence: dict[str, dict], baseline: str,
+                     own_baselines: dict[str, str] | None = None) -> dict[str, dict[str, dict]]:
+    """``{arm: {iteration: paired(arm minus its baseline)}}`` from the report's ``convergence`` block (per arm its
     ``iters``, ``seeds`` and ``mAP`` [per iteration [per seed]]): at each evaluated iteration, each arm against
-    ``baseline`` on the seeds both evaluated (the paper's "PKD converges faster" is a positive gap early on);
-    arms with fewer than two such seeds are left out."""
-    base = convergence.get(baseline)
-    if base is None:
-        return {}
-    base_at = {it: dict(zip(base["seeds"], row)) for it, row in zip(base["iters"], base["mAP"])}
+    its baseline on the seeds both evaluated (the paper's "PKD converges faster" is a positive gap early on).
+    An arm's baseline is ``baseline`` unless ``own_baselines`` ({arm: baseline arm}, another student family's)
+    names one; baselines are not compared; arms sharing fewer than two seeds with theirs are left out."""
+    own_baselines = own_baselines or {}
+    baselines = {baseline, *own_baselines.values()}
     gaps = {}
     for arm, curve in convergence.items():
-        if arm == baseline:
+        base = convergence.get(own_baselines.get(arm, baseline))
+        if arm in baselines or base is None:
             continue
+        base_at = {it: dict(zip(base["seeds"], row)) for it, row in zip(base["iters"], base["mAP"])}
         per_iter = {}
         for it, row in zip(curve["iters"], curve["mAP"]):
             if it in base_at:

@@ -357,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         report["codec_decision"] = codec_decision(by_seed, report["codec_points"], rule)
     if questions:
         report["questions"] = question_report(by_seed, questions)
-        report["questions"]["convergence_gaps"] = convergence_gaps(report["convergence"], questions["baseline"])
+        family_baselines = {arms["offline"]: arms["baseline"] for arms in questions.get("student_family", {}).values()}
+        report["questions"]["convergence_gaps"] = convergence_gaps(report["convergence"], questions["baseline"],
+                                                                   family_baselines)
     report["device"] = args.device
     report["jobs"] = args.jobs
     report["params"] = str(args.params)

@@ -99,3 +99,7 @@ def test_convergence_gaps_pair_each_iteration_by_seed_against_the_baseline():
     assert early["seeds"] == [4, 5] and early["diffs"] == pytest.approx([0.15, 0.15])
     assert gaps["pkd"]["1000"]["diffs"] == pytest.approx([0.03, 0.05])
     assert convergence_gaps(convergence, "missing") == {}
+    # another student family's arm is compared with its own baseline, never with this one
+    other = {**convergence, "fcos_base": convergence["base"], "fcos_pkd": convergence["pkd"]}
+    gaps = convergence_gaps(other, "base", {"fcos_pkd": "fcos_base"})
+    assert set(gaps) == {"pkd", "fcos_pkd"}
