@@ -42,7 +42,7 @@ from benchmarks.batch_path import batch_path, synchronize
 from benchmarks.pairs import PAIRS, Pair, extract_command, extract_config, params_file, sized, train_config
 from benchmarks.results import provenance, result_name
 from benchmarks.step import loader_rate, step_benchmark
-from pkd_offline.data import CocoDetection
+from pkd_offline.data import IMAGE_DECODES, CocoDetection
 from pkd_offline.distributed import Ranks, half_the_cpus
 from pkd_offline.engine import distillation_loss
 from pkd_offline.extraction.writers import default_writer_threads
@@ -303,8 +303,8 @@ def repeated_set(work: Path, copies: int) -> Path:
 
 def section_extract_long(args, sizes: Sizes, work: Path, result: dict) -> None:
     """Stage one over a long run: the training set repeated (``repeated_set``) to at least ``long_samples`` samples
-    of its own sizes (so start-up is a small share and the forward's rate applies), into zarr, and on CUDA again with ``cuda_graphs`` off. Per run, from its record:
-    the steady rate, the share of its seconds spent before the steady state (the pca fit and the graph captures,
+    of its own sizes (so start-up is a small share and the forward's rate applies), into zarr, and on CUDA again
+    with ``cuda_graphs`` off. Per run, from its record: the steady rate, the share of its seconds spent before the steady state (the pca fit and the graph captures,
     ``warmup_share``), seconds per phase and captures; over the teacher forward's rate (section ``forward``, run
     before it) where there is one: ``extract_long_ratio_over_forward`` (the graphed run; the eager one beside)."""
     copies = -(-sizes.long_samples // (sizes.images * PAPER.views))
@@ -540,7 +540,7 @@ def main() -> None:
     parser.add_argument("--work", help="scratch folder (default: a temporary one, removed at the end)")
     parser.add_argument("--workers", type=int, help="DataLoader workers (default: half the CPUs, at most 8)")
     parser.add_argument("--only", help="comma-separated sections to run, in order (default: all)")
-    parser.add_argument("--image-decode", dest="image_decode", default="workers", choices=("workers", "device"),
+    parser.add_argument("--image-decode", dest="image_decode", default="workers", choices=IMAGE_DECODES,
                         help="where every training mode (the student alone too) decodes its JPEGs: the loader's "
                              "workers, or the step on the device (nvJPEG on CUDA)")
     parser.add_argument("--codec", choices=sorted(CODECS), help=f"store codec (default: the pair's, {PAPER.codec})")

@@ -50,9 +50,10 @@ def coco_recipe_store() -> tuple[str, float | None]:
     return extract["codec"], extract.get("pca_step")
 
 
+_RECIPE_CODEC, _RECIPE_PCA_STEP = coco_recipe_store()
 PAIRS = {
     "paper": Pair(name="paper", teacher="swin_s", teacher_levels="2,3,4,5", layout="projected",
-                  student_levels="3,4,5,6", codec=coco_recipe_store()[0], pca_step=coco_recipe_store()[1], views=1,
+                  student_levels="3,4,5,6", codec=_RECIPE_CODEC, pca_step=_RECIPE_PCA_STEP, views=1,
                   student="retinanet", backbone="resnet50", level_map="index", variant="full", short_side=800,
                   max_size=1333, batch_size=2),
     "tiny": Pair(name="tiny", teacher="swin", teacher_levels="2,3,4,5,6", layout="full", student_levels=None,
@@ -74,7 +75,7 @@ def extract_config(pair: Pair, data: Path, out: Path | str, **settings) -> Extra
                   data=Path(data), out=out, codec=pair.codec, views=pair.views, levels=pair.teacher_levels,
                   layout=pair.layout, student_levels=pair.student_levels, short_side=pair.short_side,
                   max_size=pair.max_size, progress=False, overwrite=True)
-    if pair.pca_step is not None and pair.codec == values["codec"]:
+    if pair.pca_step is not None:
         values["pca_step"] = pair.pca_step
     values.update(settings)
     if values["layout"] != "projected":

@@ -64,27 +64,33 @@ def _rgb_tensor(source) -> Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def read_image(path: Path) -> Tensor:
-    """Decode an image file to a (3, H, W) uint8 tensor; PkdError naming the file if missing or corrupt."""
+IMAGE_DECODES = ("workers", "device")  # where training decodes its JPEGs (``TrainConfig.image_decode``)
+
+
+@contextlib.contextmanager
+def image_file_errors(path: Path):
+    """Reading the image file ``path`` inside: a missing or corrupt file becomes one PkdError naming it."""
     try:
-        return _rgb_tensor(path)
+        yield
     except FileNotFoundError:
         raise PkdError(f"image {path} not found: check --data and the annotation file's file_name") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise PkdError(f"image {path} is corrupt ({error}): replace it or remove it from the annotation file") from None
+
+
+def read_image(path: Path) -> Tensor:
+    """Decode an image file to a (3, H, W) uint8 tensor; PkdError naming the file if missing or corrupt."""
+    with image_file_errors(path):
+        return _rgb_tensor(path)
 
 
 def read_jpeg_bytes(path: Path) -> tuple[Tensor, tuple[int, int]]:
     """A JPEG file's bytes as a uint8 (B,) tensor and its (h, w) px from the header alone (nothing decoded);
     PkdError naming the file if it is missing, unreadable or not a JPEG (a device decodes JPEG only)."""
-    try:
-        with Image.open(path) as image:
-            kind, (width, height) = image.format, image.size
+    with image_file_errors(path):
         data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise PkdError(f"image {path} not found: check --data and the annotation file's file_name") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise PkdError(f"image {path} is corrupt ({error}): replace it or remove it from the annotation file") from None
+        with Image.open(io.BytesIO(data)) as image:
+            kind, (width, height) = image.format, image.size
     if kind != "JPEG":
         raise PkdError(f"image {path} is {kind}, not JPEG: --image-decode device decodes JPEG only; train with "
                        "--image-decode workers")

@@ -20,12 +20,12 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from pkd_offline.device_images import decode_on
 from pkd_offline.errors import PkdError
 from pkd_offline.level_layout import FlatStatistics
 from pkd_offline.loss import pcc_over_levels, pkd_loss
 from pkd_offline.models import FeatureDetector
 from pkd_offline.mse_loss import mse_from_statistics
-from pkd_offline.device_images import decode_on
 from pkd_offline.precision import forward_autocast
 from pkd_offline.projection import TeacherStatistics, statistics_from_maps
 from pkd_offline.pyramid import (batch_statistics, cell_positions, check_cross_shapes, check_projected_frame,

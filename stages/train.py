@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from pkd_offline.checkpoint import load_checkpoint, save_checkpoint
 from pkd_offline.config import ON_ERROR, WEIGHTS_HELP, check_choices, check_config, setting, to_plain
-from pkd_offline.data import CocoDetection, ViewSampler, collate
+from pkd_offline.data import IMAGE_DECODES, CocoDetection, ViewSampler, collate
 from pkd_offline.distributed import Ranks, barrier, gather_lists, init_ranks, resolve_device
 from pkd_offline.engine import LEVEL_LOSSES, Distillation, LoopState, lr_factor, train_steps
 from pkd_offline.errors import PkdError
@@ -90,7 +90,7 @@ class TrainConfig:
     image_decode: str = setting("workers", help="where JPEG images are decoded and their views replayed: workers "
                                                 "(the DataLoader processes) or device (the step, on --device, "
                                                 "batched with torchvision's decode_jpeg: nvJPEG on CUDA); needs --data",
-                                choices=("workers", "device"), noun="image decode")
+                                choices=IMAGE_DECODES, noun="image decode")
     device: str = setting("cpu", help="torch device, e.g. cpu, cuda, cuda:1 (under torchrun: each rank's own GPU)")
     seed: int = setting(0, help="seed of the model's initialisation and the data order")
     resume: bool = setting(False, help="continue from OUT/last.pt")

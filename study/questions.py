@@ -7,7 +7,8 @@
 - ``convergence_gaps``: each arm evaluated during training against the baseline at each evaluated iteration,
   paired by seed (the paper's "PKD converges faster").
 
-Pure functions over ``{arm: {seed: mAP}}`` (and the report's ``convergence`` block), so the report's schema is tested without training.
+Pure functions over ``{arm: {seed: mAP}}`` (and the report's ``convergence`` block), so the report's schema is
+tested without training.
 """
 
 from __future__ import annotations
