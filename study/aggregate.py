@@ -61,6 +61,23 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict | None:
             "significant": mean - half > 0 or mean + half < 0}
 
 
+def paired_by_teacher(a: dict[int, float], b: dict[int, float], teacher_of: dict[int, str]) -> dict | None:
+    """:func:`paired` of ``a`` minus ``b`` within each teacher's seeds (``teacher_of``: {seed: teacher}, a seed
+    learns from one teacher), and Welch's :func:`compare` of the two teachers' per-seed differences where exactly
+    two teachers have two or more common seeds each. Returns ``{"per_teacher": {teacher: paired or None},
+    "between": compare(first teacher's diffs, second's) or None}``; None when the common seeds have one teacher."""
+    seeds = sorted(set(a) & set(b) & set(teacher_of))
+    teachers = sorted({teacher_of[seed] for seed in seeds})
+    if len(teachers) < 2:
+        return None
+    groups = {teacher: [seed for seed in seeds if teacher_of[seed] == teacher] for teacher in teachers}
+    per_teacher = {teacher: paired({s: a[s] for s in group}, {s: b[s] for s in group})
+                   for teacher, group in groups.items()}
+    diffs = [[a[s] - b[s] for s in group] for group in groups.values() if len(group) >= 2]
+    between = compare(summarise(diffs[0]), summarise(diffs[1])) if len(teachers) == 2 and len(diffs) == 2 else None
+    return {"per_teacher": per_teacher, "between": between}
+
+
 def study_report(per_arm: dict[str, list[float]], *, reference: str = "baseline",
                  pairs: list[tuple[str, str]] = (), seeds: dict[str, list[int]] | None = None) -> dict:
     """The ``metrics/study.json`` body (without timings): ``{"arms": {name: summarise(...)}, "gain": {...},
@@ -102,7 +119,8 @@ def seeds_needed(mean: float, sd: float, gain: float, margin: float, most: int =
     return None
 
 
-def codec_decision(by_seed: dict[str, dict[int, float]], points: dict[str, dict], rule: dict) -> dict:
+def codec_decision(by_seed: dict[str, dict[int, float]], points: dict[str, dict], rule: dict,
+                   teacher_of: dict[int, str] | None = None) -> dict:
     """The default codec by the study's rule (``study.codec_rule`` in the params file): the smallest store (bits
     per value) whose paired difference from the reference arm (fp32) is not significantly negative (its 95%
     interval reaches 0) and whose interval's lower end lies above ``-margin`` times the reference's gain over the
@@ -112,7 +130,9 @@ def codec_decision(by_seed: dict[str, dict[int, float]], points: dict[str, dict]
     and the candidates; ``rule``: {"reference", "baseline", "margin", "candidates"}. Returns {"codec",
     "pca_step", "bits_per_value", "paired_diff_ci95", "gain", "margin", "arm", "seeds", "candidates"} where
     "candidates" says, per candidate arm with a store point, its paired test, whether it passes, and (for one
-    that fails) how many seeds the rule would need at the measured mean and sd (None: no number would).
+    that fails) how many seeds the rule would need at the measured mean and sd (None: no number would). With
+    ``teacher_of`` ({seed: teacher}), each candidate also carries ``by_teacher`` (:func:`paired_by_teacher`):
+    the rule pools the teachers' seeds, the split shows whether one teacher's store behaves apart.
     """
     reference, margin = rule["reference"], rule["margin"]
     gain = statistics.fmean(by_seed[reference].values()) - statistics.fmean(by_seed[rule["baseline"]].values())
@@ -124,7 +144,9 @@ def codec_decision(by_seed: dict[str, dict[int, float]], points: dict[str, dict]
         passes = test is not None and test["ci95"][1] >= 0 and test["ci95"][0] > -margin * gain
         candidates[arm] = {"bits_per_value": points[arm]["bits_per_value"], "paired": test, "passes": passes,
                            "seeds_needed": None if passes or test is None
-                           else seeds_needed(test["mean"], test["sd"], gain, margin)}
+                           else seeds_needed(test["mean"], test["sd"], gain, margin),
+                           "by_teacher": paired_by_teacher(by_seed[arm], by_seed[reference], teacher_of)
+                           if teacher_of else None}
     passing = [arm for arm, row in candidates.items() if row["passes"]]
     arm = min(passing, key=lambda name: candidates[name]["bits_per_value"]) if passing else reference
     chosen = candidates[arm]["paired"] if arm in candidates else None

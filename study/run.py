@@ -354,7 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     by_seed = {arm: dict(zip(done, per_arm[arm])) for arm, done in arm_seeds.items()}  # {arm: {seed: mAP}}
     rule = study.get("codec_rule")
     if rule and rule["reference"] in arm_seeds and rule["baseline"] in arm_seeds:
-        report["codec_decision"] = codec_decision(by_seed, report["codec_points"], rule)
+        teacher_seeds = report["teacher_mAP_seeds"]
+        teacher_of = {seed: teacher_map for teacher_map, seeds in teacher_seeds.items() for seed in seeds}
+        if len(teacher_of) < sum(map(len, teacher_seeds.values())):  # a seed that learnt from two teachers
+            teacher_of = None
+        report["codec_decision"] = codec_decision(by_seed, report["codec_points"], rule, teacher_of)
     if questions:
         report["questions"] = question_report(by_seed, questions)
         family_baselines = {arms["offline"]: arms["baseline"] for arms in questions.get("student_family", {}).values()}

@@ -14,7 +14,7 @@ from pkd_offline.errors import PkdError
 from pkd_offline.models import build_detector
 from pkd_offline.pyramid import pad_teacher_maps, valid_masks
 from stages.synth import SynthConfig, synth
-from study.aggregate import codec_decision, compare, paired, study_report, summarise
+from study.aggregate import codec_decision, compare, paired, paired_by_teacher, study_report, summarise
 
 
 def test_summarise_uses_the_sample_standard_deviation():
@@ -149,6 +149,28 @@ def test_the_codec_decision_takes_the_smallest_store_that_the_rule_passes():
     assert rows["noisy"]["seeds_needed"] > 4 and rows["worse"]["seeds_needed"] is None
     only_fp32 = codec_decision(by_seed, points, {**rule, "candidates": ["worse", "noisy"]})
     assert only_fp32["arm"] == "fp32" and only_fp32["paired_diff_ci95"] == [0.0, 0.0]
+
+
+def test_paired_by_teacher_splits_the_seeds_by_the_teacher_they_learnt_from():
+    """Seeds 0-2 (teacher "t1") 0.007 below the reference, seeds 3-6 ("t2") level with it: each teacher's own paired
+    test, and Welch's test between the two teachers' differences."""
+    ref = {s: 0.63 + 0.003 * (s % 3) for s in range(7)}
+    arm = {s: ref[s] + (-0.007 + 0.0005 * s if s < 3 else 0.001 * (-1) ** s) for s in range(7)}
+    teacher_of = {s: "t1" if s < 3 else "t2" for s in range(7)}
+    split = paired_by_teacher(arm, ref, teacher_of)
+    assert set(split["per_teacher"]) == {"t1", "t2"}
+    assert split["per_teacher"]["t1"]["seeds"] == [0, 1, 2] and split["per_teacher"]["t2"]["seeds"] == [3, 4, 5, 6]
+    assert split["per_teacher"]["t1"]["significant"] and not split["per_teacher"]["t2"]["significant"]
+    assert split["per_teacher"]["t1"]["mean"] == pytest.approx(-0.0065)
+    assert split["between"]["diff"] == pytest.approx(-0.0065) and split["between"]["significant"]
+    assert paired_by_teacher(arm, ref, {s: "t1" for s in range(7)}) is None  # one teacher: nothing to split
+    one_seed_t2 = paired_by_teacher(arm, {s: ref[s] for s in range(4)}, teacher_of)
+    assert one_seed_t2["per_teacher"]["t2"] is None and one_seed_t2["between"] is None
+    points = {"ref": {"codec": "fp32", "bits_per_value": 32.0}, "arm": {"codec": "pca", "bits_per_value": 5.0}}
+    rule = {"reference": "ref", "baseline": "base", "margin": 0.2, "candidates": ["arm"]}
+    by_seed = {"ref": ref, "arm": arm, "base": {s: 0.58 for s in range(7)}}
+    assert codec_decision(by_seed, points, rule, teacher_of)["candidates"]["arm"]["by_teacher"] == split
+    assert codec_decision(by_seed, points, rule)["candidates"]["arm"]["by_teacher"] is None
 
 
 def test_coco_params_follow_the_studys_codec_decision():
