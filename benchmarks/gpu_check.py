@@ -304,9 +304,10 @@ def repeated_set(work: Path, copies: int) -> Path:
 def section_extract_long(args, sizes: Sizes, work: Path, result: dict) -> None:
     """Stage one over a long run: the training set repeated (``repeated_set``) to at least ``long_samples`` samples
     of its own sizes (so start-up is a small share and the forward's rate applies), into zarr, and on CUDA again
-    with ``cuda_graphs`` off. Per run, from its record: the steady rate, the share of its seconds spent before the steady state (the pca fit and the graph captures,
-    ``warmup_share``), seconds per phase and captures; over the teacher forward's rate (section ``forward``, run
-    before it) where there is one: ``extract_long_ratio_over_forward`` (the graphed run; the eager one beside)."""
+    with ``cuda_graphs`` off. Per run, from its record: the steady rate, the share of its seconds spent before the
+    steady state (the pca fit and the graph captures, ``warmup_share``), seconds per phase and captures; over the
+    teacher forward's rate (section ``forward``, run before it) where there is one:
+    ``extract_long_ratio_over_forward`` (the graphed run; the eager one beside)."""
     copies = -(-sizes.long_samples // (sizes.images * PAPER.views))
     repeated_set(work, copies)
     runs = [("long", {})] + ([("long_eager", {"cuda_graphs": False})] if args.device == "cuda" else [])

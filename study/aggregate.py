@@ -73,7 +73,7 @@ def paired_by_teacher(a: dict[int, float], b: dict[int, float], teacher_of: dict
     groups = {teacher: [seed for seed in seeds if teacher_of[seed] == teacher] for teacher in teachers}
     per_teacher = {teacher: paired({s: a[s] for s in group}, {s: b[s] for s in group})
                    for teacher, group in groups.items()}
-    diffs = [[a[s] - b[s] for s in group] for group in groups.values() if len(group) >= 2]
+    diffs = [test["diffs"] for test in per_teacher.values() if test is not None]  # teachers with two or more seeds
     between = compare(summarise(diffs[0]), summarise(diffs[1])) if len(teachers) == 2 and len(diffs) == 2 else None
     return {"per_teacher": per_teacher, "between": between}
 
